@@ -1,0 +1,169 @@
+"""Mosquitto configurations, generated so they always match the topic contract in :mod:`edgecoop.topics`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from edgecoop.topics import DEFAULT_PREFIX, validate_id, validate_prefix
+
+__all__ = ["bridge_config", "development_config", "production_acl", "production_config"]
+
+# Explicit limits instead of Mosquitto's defaults; our payload cap is 256 KiB (edgecoop.wire.MAX_PAYLOAD).
+_LIMITS = """\
+max_packet_size 1048576
+max_inflight_messages 20
+max_queued_messages 5000
+max_queued_bytes 67108864
+max_keepalive 120
+set_tcp_nodelay true
+"""
+
+
+def development_config(
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    data_dir: Path | None = None,
+    websockets_port: int | None = None,
+    persistence: bool = False,
+    log_file: Path | None = None,
+) -> str:
+    """Loopback-only, anonymous broker for the demo and tests."""
+    lines = [
+        "# edgecoop development broker: loopback only, anonymous, MQTT 5 clients",
+        "per_listener_settings false",
+        "allow_anonymous true",
+        f"listener {port} {host}",
+        "protocol mqtt",
+    ]
+    if websockets_port:
+        lines += [f"listener {websockets_port} {host}", "protocol websockets"]
+    lines.append(_LIMITS.rstrip())
+    lines.append("sys_interval 1")
+    if persistence and data_dir is not None:
+        lines += [
+            "persistence true",
+            f"persistence_location {data_dir}/",
+            "autosave_interval 1",
+            "autosave_on_changes true",
+        ]
+    else:
+        lines.append("persistence false")
+    if log_file is not None:
+        lines += [f"log_dest file {log_file}", "log_type error", "log_type warning", "log_type notice"]
+    else:
+        lines.append("log_dest none")
+    return "\n".join(lines) + "\n"
+
+
+def production_config(
+    *,
+    port: int = 1883,
+    websockets_port: int | None = 9001,
+    etc_dir: str = "/etc/mosquitto",
+    data_dir: str = "/var/lib/mosquitto",
+) -> str:
+    """A Pi-ready broker: passwords, per-agent ACL, client id = username, durable persistence."""
+    ws = (
+        f"\n# dashboards (browser MQTT over websockets); same passwords and ACL\nlistener {websockets_port}\n"
+        "protocol websockets\n"
+        if websockets_port
+        else ""
+    )
+    return f"""\
+# edgecoop production broker (drop into /etc/mosquitto/conf.d/edgecoop.conf)
+per_listener_settings false
+allow_anonymous false
+password_file {etc_dir}/edgecoop.passwd
+acl_file {etc_dir}/edgecoop.acl
+# a client may only use its own username as client id: no client-id takeover of another agent
+use_username_as_clientid true
+
+listener {port}
+protocol mqtt
+{ws}
+# PUBACK is not "on disk": save on every change so a power cut loses nothing acknowledged
+persistence true
+persistence_location {data_dir}/
+autosave_interval 1
+autosave_on_changes true
+
+{_LIMITS}
+# offline clients' sessions (agents use clean_start=False) are kept for a day at most
+persistent_client_expiration 1d
+sys_interval 10
+log_type error
+log_type warning
+log_type notice
+connection_messages true
+"""
+
+
+def production_acl(*, prefix: str = DEFAULT_PREFIX, admins: Sequence[str] = ("orchestrator", "cms")) -> str:
+    """ACL: each agent (username = agent id) writes only its own card, status, data and replies."""
+    validate_prefix(prefix)
+    for a in admins:
+        validate_id(a, "admin user")
+    p = prefix
+    admin_blocks = "\n".join(
+        f"""user {a}
+topic readwrite {p}/#
+topic read $SYS/#
+"""
+        for a in admins
+    )
+    return f"""\
+# edgecoop ACL. %u is the MQTT username, which is also the agent id and the client id.
+# Agents: write their own card/status/data, read requests addressed to them, answer on reply topics,
+# ask other agents (request topics, pools) and read the CMS (cards and status of everyone).
+pattern write {p}/agents/%u/card
+pattern write {p}/agents/%u/status
+pattern write {p}/agents/%u/data/#
+pattern read {p}/agents/%u/req/#
+pattern readwrite {p}/reply/%u
+pattern write {p}/reply/+
+pattern write {p}/agents/+/req/#
+pattern write {p}/pool/#
+pattern read {p}/pool/#
+pattern read {p}/agents/+/card
+pattern read {p}/agents/+/status
+pattern read {p}/agents/+/data/#
+pattern write {p}/tasks/submit
+pattern read {p}/tasks/events/#
+
+{admin_blocks}"""
+
+
+def bridge_config(
+    *,
+    name: str,
+    site: str,
+    remote_host: str,
+    remote_port: int,
+    prefix: str = DEFAULT_PREFIX,
+    username: str | None = None,
+    password: str | None = None,
+) -> str:
+    """Bridge one site broker to a regional/cloud broker: cards, status and requests/replies cross it."""
+    validate_id(name, "bridge name")
+    validate_id(site, "site")
+    p = prefix
+    creds = f"remote_username {username}\nremote_password {password}\n" if username else ""
+    return f"""\
+# edgecoop bridge from site {site} to {remote_host}:{remote_port}
+connection {name}
+address {remote_host}:{remote_port}
+bridge_protocol_version mqttv50
+cleansession false
+local_clientid bridge-{name}
+remote_clientid bridge-{name}
+try_private true
+restart_timeout 1 10
+{creds}# retained discovery state in both directions
+topic {p}/agents/+/card both 1
+topic {p}/agents/+/status both 1
+topic {p}/agents/+/req/# both 1
+topic {p}/reply/# both 1
+topic {p}/tasks/events/# out 1
+"""

@@ -1,0 +1,136 @@
+"""The one exception hierarchy of edgecoop.
+
+::
+
+    EdgecoopError
+    ├── ConfigError(EdgecoopError, ValueError)          bad TOML / settings / CLI input
+    ├── TopicError(EdgecoopError, ValueError)           hostile or malformed identifier / topic
+    ├── WireError(EdgecoopError, ValueError)            payload could not be decoded or validated
+    │   ├── PayloadTooLarge                             size cap hit before decoding
+    │   └── SchemaError                                 decoded, but not a valid message
+    ├── BrokerError                                     anything between us and Mosquitto
+    │   ├── ConnectError                                cannot connect / bad credentials
+    │   └── PublishRejected                             broker answered a PUBACK reason code >= 0x80
+    ├── RequestError                                    a request/response exchange failed
+    │   ├── RequestTimeout(RequestError, TimeoutError)  no reply before the deadline
+    │   ├── RemoteError                                 the responder answered with an error reply
+    │   └── NoAgentError                                discovery found no agent able to serve
+    ├── CapabilityError                                 a handler cannot serve this input
+    └── DependencyMissing(EdgecoopError, ImportError)   an optional extra is not installed
+
+Every error carries structured attributes where they make sense (``topic``, ``agent_id``,
+``correlation_id``, ``code``) so callers and counters never parse messages.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokerError",
+    "CapabilityError",
+    "ConfigError",
+    "ConnectError",
+    "DependencyMissing",
+    "EdgecoopError",
+    "NoAgentError",
+    "PayloadTooLarge",
+    "PublishRejected",
+    "RemoteError",
+    "RequestError",
+    "RequestTimeout",
+    "SchemaError",
+    "TopicError",
+    "WireError",
+]
+
+
+class EdgecoopError(Exception):
+    """Root of every error raised by edgecoop."""
+
+    #: Short machine-readable code, also used in error replies on the wire.
+    code: str = "error"
+
+
+class ConfigError(EdgecoopError, ValueError):
+    code = "config"
+
+
+class TopicError(EdgecoopError, ValueError):
+    code = "bad_topic"
+
+    def __init__(self, message: str, *, value: object = None) -> None:
+        super().__init__(message)
+        self.value = value
+
+
+class WireError(EdgecoopError, ValueError):
+    code = "bad_payload"
+
+
+class PayloadTooLarge(WireError):
+    code = "too_large"
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"payload of {size} bytes exceeds the {limit}-byte limit")
+        self.size = size
+        self.limit = limit
+
+
+class SchemaError(WireError):
+    code = "bad_schema"
+
+
+class BrokerError(EdgecoopError):
+    code = "broker"
+
+
+class ConnectError(BrokerError):
+    code = "connect"
+
+
+class PublishRejected(BrokerError):
+    code = "publish_rejected"
+
+    def __init__(self, topic: str, reason: str) -> None:
+        super().__init__(f"broker rejected publish on {topic!r}: {reason}")
+        self.topic = topic
+        self.reason = reason
+
+
+class RequestError(EdgecoopError):
+    code = "request"
+
+
+class RequestTimeout(RequestError, TimeoutError):
+    code = "timeout"
+
+    def __init__(self, message: str, *, agent_id: str | None = None, correlation_id: str | None = None):
+        super().__init__(message)
+        self.agent_id = agent_id
+        self.correlation_id = correlation_id
+
+
+class RemoteError(RequestError):
+    """The responder answered, with an error reply (its ``code`` is kept)."""
+
+    def __init__(self, code: str, message: str, *, agent_id: str | None = None) -> None:
+        super().__init__(f"{agent_id or 'remote'}: {code}: {message}")
+        self.code = code
+        self.remote_message = message
+        self.agent_id = agent_id
+
+
+class NoAgentError(RequestError):
+    code = "no_agent"
+
+
+class CapabilityError(EdgecoopError):
+    code = "capability"
+
+
+class DependencyMissing(EdgecoopError, ImportError):
+    code = "dependency_missing"
+
+    def __init__(self, module: str, extra: str) -> None:
+        super().__init__(f"{module} is not installed: pip install 'edgecoop[{extra}]'")
+        self.module = module
+        self.extra = extra

@@ -1,0 +1,190 @@
+"""MQTT 5 request/response: Response Topic + Correlation Data, per-request deadlines, a pending map that
+never leaks (every entry is removed in ``finally``), and flow control (bounded requests in flight, since
+Mosquitto silently drops beyond ``max_queued_messages``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from edgecoop.connection import Connection, Message, props
+from edgecoop.errors import RemoteError, RequestTimeout, TopicError, WireError
+from edgecoop.messages import Request, Response
+from edgecoop.topics import Kind, Topics
+from edgecoop.wire import Format, decode, encode, sniff_format
+
+__all__ = ["ReplyContext", "Requester", "reply_context"]
+
+log = logging.getLogger(__name__)
+PartialCallback = Callable[[Response], None]
+
+
+@dataclass(slots=True)
+class _Pending:
+    future: asyncio.Future[Response]
+    on_partial: PartialCallback | None
+    agent_id: str
+
+
+class Requester:
+    """Sends requests and matches replies; attach it to a :class:`Connection` with :meth:`handle`.
+
+    The requester's reply topic ``<prefix>/reply/<client_id>`` must be among the connection's subscriptions
+    (see :meth:`subscription`).
+    """
+
+    def __init__(self, conn: Connection, topics: Topics, *, max_in_flight: int = 256) -> None:
+        self.conn = conn
+        self.topics = topics
+        self.reply_topic = topics.reply(conn.client_id)
+        self._pending: dict[bytes, _Pending] = {}
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self.late_replies = 0
+        self.bad_replies = 0
+
+    @staticmethod
+    def subscription(topics: Topics, client_id: str) -> tuple[str, int]:
+        return topics.reply(client_id), 1
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def handle(self, message: Message) -> bool:
+        """Resolve the pending request this reply belongs to; return False if it is not a reply for us."""
+        if str(message.topic) != self.reply_topic:
+            return False
+        corr = getattr(message.properties, "CorrelationData", None)
+        pending = self._pending.get(corr) if isinstance(corr, bytes) else None
+        if pending is None:
+            self.late_replies += 1  # deadline passed already, or a duplicate: never applied twice
+            return True
+        try:
+            data, _ = decode(message.payload if isinstance(message.payload, bytes) else b"")
+            response = Response.from_dict(data)
+        except WireError as exc:
+            self.bad_replies += 1
+            response = Response.error(exc.code, f"unreadable reply: {exc}", pending.agent_id)
+        if response.partial:
+            if pending.on_partial is not None:
+                pending.on_partial(response)
+            return True
+        if not pending.future.done():
+            pending.future.set_result(response)
+        return True
+
+    async def call(
+        self,
+        topic: str,
+        request: Request,
+        *,
+        timeout: float,
+        agent_id: str = "",
+        on_partial: PartialCallback | None = None,
+    ) -> Response:
+        """Publish ``request`` on ``topic`` and wait for its final reply (partials go to ``on_partial``).
+
+        Error replies are returned, not raised; :meth:`request` raises them.
+        """
+        corr = os.urandom(12)
+        loop = asyncio.get_running_loop()
+        async with self._slots:
+            pending = _Pending(loop.create_future(), on_partial, agent_id)
+            self._pending[corr] = pending
+            try:
+                async with asyncio.timeout(timeout):
+                    deadline_ms = int((time.time() + timeout) * 1000)
+                    payload = encode({**request.to_dict(), "deadline_ms": deadline_ms})
+                    await self.conn.publish(
+                        topic,
+                        payload,
+                        qos=1,
+                        properties=props(
+                            ResponseTopic=self.reply_topic,
+                            CorrelationData=corr,
+                            ContentType=Format.MSGPACK.value,
+                            MessageExpiryInterval=max(1, int(timeout) + 1),
+                        ),
+                        wait=timeout,
+                    )
+                    return await pending.future
+            except TimeoutError as exc:
+                raise RequestTimeout(
+                    f"no reply from {agent_id or topic} within {timeout:.1f}s",
+                    agent_id=agent_id,
+                    correlation_id=corr.hex(),
+                ) from exc
+            finally:
+                del self._pending[corr]
+
+    async def request(
+        self,
+        agent_id: str,
+        capability: str,
+        input: Mapping[str, Any] | None = None,
+        *,
+        timeout: float = 10.0,
+        task_id: str = "",
+        on_partial: PartialCallback | None = None,
+    ) -> Response:
+        """Ask one agent; raise :class:`RemoteError` on an error reply, :class:`RequestTimeout` on no reply."""
+        req = Request(capability, dict(input or {}), task_id=task_id, stream=on_partial is not None)
+        resp = await self.call(
+            self.topics.request(agent_id, capability), req, timeout=timeout, agent_id=agent_id, on_partial=on_partial
+        )
+        if not resp.ok:
+            raise RemoteError(resp.code, resp.message, agent_id=agent_id)
+        return resp
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyContext:
+    """Where and how to answer one received request."""
+
+    response_topic: str
+    correlation: bytes | None
+    fmt: Format
+
+    def properties(self) -> Any:
+        return props(CorrelationData=self.correlation, ContentType=self.fmt.value)
+
+    def payload(self, response: Response) -> bytes:
+        return encode(response.to_dict(), self.fmt)
+
+
+def reply_context(message: Message, topics: Topics, *, any_topic: bool = False) -> ReplyContext | None:
+    """Extract a safe reply route from a request, or None when there is none we may use.
+
+    By default a Response Topic must be a reply topic of our namespace, so a request can never make a
+    responder write onto cards, statuses or another agent's request topics. ``any_topic`` (task submission
+    by humans) allows any topic outside our namespace, still without wildcards or ``$``.
+    """
+    p = message.properties
+    rt = getattr(p, "ResponseTopic", None)
+    if not isinstance(rt, str) or not rt:
+        return None
+    if any(c in rt for c in "+#\x00") or rt.startswith("$"):
+        return None
+    inside = rt.startswith(topics.prefix + "/")
+    if inside:
+        try:
+            if topics.parse(rt).kind is not Kind.REPLY:
+                return None
+        except TopicError:
+            return None
+    elif not any_topic:
+        return None
+    corr = getattr(p, "CorrelationData", None)
+    ctype = getattr(p, "ContentType", None)
+    raw = message.payload if isinstance(message.payload, bytes) else b""
+    try:
+        fmt = sniff_format(raw, ctype if isinstance(ctype, str) else None)
+    except WireError:
+        fmt = Format.JSON
+    return ReplyContext(rt, corr if isinstance(corr, bytes) else None, fmt)

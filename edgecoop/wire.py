@@ -1,0 +1,144 @@
+"""The wire codec: the only place payload bytes become Python objects and back.
+
+Agents speak msgpack (``application/msgpack``); human clients may send JSON (``application/json``) and are
+answered in JSON. Untrusted input is handled in this order, because msgpack and json will happily build
+tens of megabytes from a small hostile payload (field notes):
+
+1. the size cap is checked on the raw bytes, before any decoding;
+2. msgpack runs with explicit per-container limits and no extension types (timestamps included);
+   JSON rejects NaN/Infinity and deep nesting;
+3. the result must be a map with string keys, at most :data:`MAX_DEPTH` deep;
+4. message classes (:mod:`edgecoop.messages`) then validate fields and types.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from typing import Any
+
+import msgpack
+
+from edgecoop.errors import PayloadTooLarge, SchemaError, WireError
+
+__all__ = [
+    "MAX_DEPTH",
+    "MAX_PAYLOAD",
+    "WIRE_VERSION",
+    "Format",
+    "decode",
+    "encode",
+    "sniff_format",
+]
+
+#: Version of the payload schema; carried as ``"v"`` in every edgecoop message.
+WIRE_VERSION = 1
+#: Largest payload accepted from the wire (bytes). Bounds decoded heap to a few tens of MB.
+MAX_PAYLOAD = 256 * 1024
+#: Deepest nesting of maps/arrays accepted.
+MAX_DEPTH = 32
+_MAX_CONTAINER = 65_536
+
+
+class Format(enum.StrEnum):
+    MSGPACK = "application/msgpack"
+    JSON = "application/json"
+
+
+def sniff_format(payload: bytes, content_type: str | None) -> Format:
+    """Pick the decoder: the MQTT 5 Content Type when present, else a look at the first byte."""
+    if content_type:
+        base = content_type.split(";", 1)[0].strip().lower()
+        if base in ("application/json", "text/json"):
+            return Format.JSON
+        if base in ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack"):
+            return Format.MSGPACK
+        raise WireError(f"unsupported content type {content_type!r}")
+    stripped = payload.lstrip(b" \t\r\n")
+    return Format.JSON if stripped[:1] in (b"{", b"[") else Format.MSGPACK
+
+
+def _reject_ext(code: int, data: bytes) -> Any:  # pragma: no cover - max_ext_len=0 fires first
+    raise WireError(f"msgpack extension type {code} is not allowed")
+
+
+def _reject_constant(name: str) -> Any:
+    raise WireError(f"JSON constant {name} is not allowed")
+
+
+def _check(value: Any, depth: int = 0) -> None:
+    """Reject non-string keys, non-finite floats and nesting deeper than MAX_DEPTH."""
+    if depth > MAX_DEPTH:
+        raise WireError(f"payload nests deeper than {MAX_DEPTH} levels")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise WireError(f"map key {key!r} is not a string")
+            _check(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check(item, depth + 1)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise WireError("non-finite float in payload")
+
+
+def decode(
+    payload: bytes | bytearray, content_type: str | None = None, *, limit: int = MAX_PAYLOAD
+) -> tuple[dict[str, Any], Format]:
+    """Decode an untrusted payload into a plain dict; raise a :class:`WireError` subclass otherwise."""
+    if not isinstance(payload, bytes | bytearray):
+        raise WireError(f"payload must be bytes, not {type(payload).__name__}")
+    if len(payload) > limit:
+        raise PayloadTooLarge(len(payload), limit)
+    if not payload:
+        raise WireError("empty payload")
+    fmt = sniff_format(bytes(payload), content_type)
+    try:
+        if fmt is Format.JSON:
+            value = json.loads(payload, parse_constant=_reject_constant)
+        else:
+            value = msgpack.unpackb(
+                payload,
+                raw=False,
+                strict_map_key=True,
+                use_list=True,
+                ext_hook=_reject_ext,
+                max_str_len=limit,
+                max_bin_len=limit,
+                max_array_len=_MAX_CONTAINER,
+                max_map_len=_MAX_CONTAINER,
+                max_ext_len=0,
+            )
+    except WireError:
+        raise
+    except RecursionError as exc:
+        raise WireError("payload nests too deeply") from exc
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise WireError(f"undecodable {fmt.name} payload: {exc}") from exc
+    except Exception as exc:  # msgpack raises a few odd types on hostile input; never crash the caller
+        raise WireError(f"undecodable {fmt.name} payload: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise SchemaError(f"payload must be a map, got {type(value).__name__}")
+    _check(value)
+    version = value.get("v", WIRE_VERSION)
+    if version != WIRE_VERSION:
+        raise SchemaError(f"unsupported schema version {version!r} (this side speaks {WIRE_VERSION})")
+    return value, fmt
+
+
+def _json_default(value: object) -> Any:
+    if isinstance(value, bytes | bytearray):
+        return {"$bytes": len(value)}  # humans get the size, not a blob
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+def encode(obj: dict[str, Any], fmt: Format = Format.MSGPACK) -> bytes:
+    """Encode a message dict; the result is always within :data:`MAX_PAYLOAD` or raises."""
+    if fmt is Format.JSON:
+        data = json.dumps(obj, separators=(",", ":"), allow_nan=False, default=_json_default).encode()
+    else:
+        data = msgpack.packb(obj, use_bin_type=True, datetime=False)
+    if len(data) > MAX_PAYLOAD:
+        raise PayloadTooLarge(len(data), MAX_PAYLOAD)
+    return data
