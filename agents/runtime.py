@@ -68,6 +68,7 @@ class Agent:
         self._tg: asyncio.TaskGroup | None = None
         self._loops: list[asyncio.Task[Any]] = []
         self.state = State.NEW
+        self._deregistered = False
         self.conn = Connection(
             config.broker,
             config.agent_id,
@@ -125,7 +126,8 @@ class Agent:
         await self.conn.publish(self.topics.card(self.agent_id), encode(self.card().to_dict()), qos=1, retain=True)
 
     async def deregister(self) -> None:
-        """Remove this agent from the CMS: clear its retained card and status."""
+        """Remove this agent from the CMS: clear its retained card and status (nothing is republished after)."""
+        self._deregistered = True
         await self.conn.publish(self.topics.card(self.agent_id), b"", qos=1, retain=True)
         await self.conn.publish(self.topics.status(self.agent_id), b"", qos=1, retain=True)
         self.counters["deregistered"] += 1
@@ -157,7 +159,7 @@ class Agent:
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
-        if self.conn.connected.is_set():
+        if self.conn.connected.is_set() and not self._deregistered:
             with contextlib.suppress(EdgecoopError, TimeoutError):
                 async with asyncio.timeout(2):
                     await self.conn.publish(self.topics.status(self.agent_id), self._status_payload(False), retain=True)
@@ -186,6 +188,8 @@ class Agent:
         while True:
             await self._load_dirty.wait()
             self._load_dirty.clear()
+            if self._deregistered:
+                return
             with contextlib.suppress(EdgecoopError):
                 await self.publish_card()
                 self.counters["load_updates"] += 1

@@ -61,6 +61,13 @@ class BrokerSettings:
         return f"mqtt://{self.host}:{self.port}"
 
 
+def _reraise_cancellation(exc: BaseException | None) -> None:
+    """aiomqtt (via asyncio.wait_for on 3.11) can turn a cancellation into an MqttError: never swallow it."""
+    current = asyncio.current_task()
+    if current is not None and current.cancelling():
+        raise asyncio.CancelledError from exc
+
+
 class State(enum.Enum):
     NEW = "new"
     RUNNING = "running"
@@ -199,6 +206,7 @@ class Connection:
                     async for message in client.messages:
                         await self._dispatch(message)
             except aiomqtt.MqttError as exc:
+                _reraise_cancellation(exc)
                 self._first_error = self._first_error or exc
                 log.info("%s: connection to %s lost or refused: %s", self.client_id, self.settings.url, exc)
             finally:
@@ -253,4 +261,7 @@ class Connection:
         try:
             await client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         except aiomqtt.MqttError as exc:
+            _reraise_cancellation(exc)
             raise BrokerError(f"{self.client_id}: publish to {topic!r} failed: {exc}") from exc
+        # asyncio.wait_for on 3.11 (inside aiomqtt) can swallow a cancel that races the PUBACK: surface it
+        _reraise_cancellation(None)

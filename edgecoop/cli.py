@@ -1,0 +1,292 @@
+"""The ``edgecoop`` command line. Every subcommand has help text (checked by tests/test_cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from edgecoop.connection import BrokerSettings
+from edgecoop.errors import EdgecoopError
+from edgecoop.topics import DEFAULT_PREFIX, Topics
+
+__all__ = ["main"]
+
+DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+
+
+def _broker(args: argparse.Namespace) -> BrokerSettings:
+    return BrokerSettings.from_url(
+        args.broker,
+        username=os.environ.get("EDGECOOP_USERNAME"),
+        password=os.environ.get("EDGECOOP_PASSWORD"),
+    )
+
+
+def _add_broker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--broker",
+        default=os.environ.get("EDGECOOP_BROKER", DEFAULT_BROKER),
+        help="broker URL mqtt://[user:pass@]host:port (env EDGECOOP_BROKER; credentials also from "
+        "EDGECOOP_USERNAME/EDGECOOP_PASSWORD)",
+    )
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"topic namespace prefix (default {DEFAULT_PREFIX})")
+
+
+# -- broker --------------------------------------------------------------------------------------------
+def cmd_broker(args: argparse.Namespace) -> int:
+    from edgecoop.broker import (
+        MosquittoProcess,
+        bridge_config,
+        development_config,
+        production_acl,
+        production_config,
+    )
+
+    if args.print_config:
+        kind = args.print_config
+        if kind == "development":
+            print(development_config(args.port or 1883, websockets_port=args.websockets_port), end="")
+        elif kind == "production":
+            print(production_config(port=args.port or 1883, websockets_port=args.websockets_port or 9001), end="")
+        elif kind == "acl":
+            print(production_acl(prefix=args.prefix), end="")
+        elif kind == "bridge":
+            if not (args.remote and args.site):
+                print("--print-config bridge needs --site and --remote HOST:PORT", file=sys.stderr)
+                return 2
+            host, _, port = args.remote.partition(":")
+            print(
+                bridge_config(
+                    name=f"{args.site}-uplink",
+                    site=args.site,
+                    remote_host=host,
+                    remote_port=int(port or 1883),
+                    prefix=args.prefix,
+                ),
+                end="",
+            )
+        return 0
+    broker = MosquittoProcess(args.port, websockets_port=args.websockets_port, persistence=args.persistence)
+    broker.start()
+    print(f"edgecoop broker (mosquitto pid {broker.pid}) listening on {broker.url}", flush=True)
+    if args.websockets_port:
+        print(f"websockets listener on ws://127.0.0.1:{args.websockets_port}", flush=True)
+    try:
+        _wait_for_signal()
+    finally:
+        broker.cleanup()
+        print("broker stopped", flush=True)
+    return 0
+
+
+def _wait_for_signal() -> None:
+    got = []
+
+    def _stop(signum: int, frame: object) -> None:
+        got.append(signum)
+
+    old = signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not got:
+            signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+# -- agent ---------------------------------------------------------------------------------------------
+def cmd_agent(args: argparse.Namespace) -> int:
+    from edgecoop.agents import Agent, load_agent_config
+
+    overrides: dict[str, Any] = {}
+    if args.broker:
+        overrides["broker"] = BrokerSettings.from_url(args.broker)
+    config = load_agent_config(args.config, **overrides)
+
+    async def run() -> None:
+        async with Agent(config) as agent:
+            if args.deregister:
+                await agent.deregister()
+                print(f"agent {agent.agent_id} deregistered")
+                return
+            print(f"agent {agent.agent_id} online at {config.broker.url}", flush=True)
+            from edgecoop.systemd import notify_ready, watchdog_loop
+
+            notify_ready()
+            await asyncio.gather(agent.serve_forever(), watchdog_loop())
+
+    return _run_async(run)
+
+
+def _run_async(fn: Callable[[], Any]) -> int:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await fn()
+
+    asyncio.run(main())
+    return 0
+
+
+# -- cms -----------------------------------------------------------------------------------------------
+def cmd_cms_query(args: argparse.Namespace) -> int:
+    from edgecoop.cms import DiscoveryQuery
+    from edgecoop.mirror import CmsMirror
+
+    q = DiscoveryQuery(
+        need=args.need or "", kind=args.kind, modality=args.modality, domain=args.domain, site=args.site,
+        cooperation=args.cooperation, online_only=not args.all, limit=args.limit,
+    )  # fmt: skip
+
+    async def run() -> None:
+        async with CmsMirror(_broker(args), topics=Topics(args.prefix)) as mirror:
+            await mirror.sync()
+            matches = await mirror.discover(q)
+            snapshot = await mirror.snapshot()
+        if args.json:
+            print(json.dumps([{**m.to_dict(), "online": snapshot.get(m.agent_id, {}).get("online")} for m in matches]))
+            return
+        if not matches:
+            print("no matching agents")
+        for m in matches:
+            caps = ", ".join(f"{c['name']}({c['kind']})" for c in m.card.get("capabilities", []))
+            online = "online" if snapshot.get(m.agent_id, {}).get("online") else "offline"
+            print(f"{m.score:8.3f}  {m.agent_id:<24} {m.card.get('site', ''):<14} {online:<8} {caps}")
+            if m.card.get("description"):
+                print(f"          {m.card['description']}")
+
+    return _run_async(run)
+
+
+def cmd_cms_mirror(args: argparse.Namespace) -> int:
+    from edgecoop.mirror import CmsMirror
+
+    async def run() -> None:
+        async with CmsMirror(_broker(args), topics=Topics(args.prefix), db_path=args.db) as mirror:
+            await mirror.sync()
+            print(f"CMS mirror in sync at {args.db} ({await mirror.query(lambda s: s.count())} agents)", flush=True)
+            from edgecoop.systemd import notify_ready, watchdog_loop
+
+            notify_ready()
+            await watchdog_loop()
+
+    return _run_async(run)
+
+
+# -- bench ---------------------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(f"edgecoop.benchmarks.{args.which}")
+    result: dict[str, Any] = module.main(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+# -- demo ----------------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edgecoop.scenarios.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgecoop",
+        description="edgecoop: collaborative generative AI at the edge over MQTT 5.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("broker", help="run a private Mosquitto, or print broker configs",
+                       description="Run a private Mosquitto (MQTT 5, loopback, free port by default) until "
+                       "Ctrl-C, or print a config with --print-config.")  # fmt: skip
+    p.add_argument("--port", type=int, default=None, help="listener port (default: a free port)")
+    p.add_argument("--websockets-port", type=int, default=None, help="also open a websockets listener")
+    p.add_argument("--persistence", action="store_true", help="persist retained messages and sessions")
+    p.add_argument("--print-config", choices=["development", "production", "acl", "bridge"],
+                   help="print a Mosquitto config (production: for /etc/mosquitto/conf.d) and exit")  # fmt: skip
+    p.add_argument("--site", help="with --print-config bridge: this site's id")
+    p.add_argument("--remote", help="with --print-config bridge: the regional broker HOST:PORT")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic namespace prefix")
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("agent", help="run one agent from its TOML config",
+                       description="Run an agent: publish its capability card and answer requests.")  # fmt: skip
+    p.add_argument("config", help="path to the agent's TOML file")
+    p.add_argument("--broker", default=None, help="override the broker URL of the config")
+    p.add_argument("--deregister", action="store_true", help="clear the agent's retained card and status, then exit")
+    p.set_defaults(func=cmd_agent)
+
+    p = sub.add_parser("cms", help="query the Capability Metadata Store",
+                       description="Query or run the CMS (a SQLite mirror of the retained capability cards).")  # fmt: skip
+    cms_sub = p.add_subparsers(dest="cms_command", metavar="CMS_COMMAND", required=True)
+    q = cms_sub.add_parser("query", help="discover agents by need and filters",
+                           description="Rank agents against a natural-language need, with structured filters.")  # fmt: skip
+    _add_broker_args(q)
+    q.add_argument("--need", help='natural-language need, e.g. "count vehicles near the station"')
+    q.add_argument("--kind", help="capability kind: echo, slm, vision, sensor, knowledge, cloud")
+    q.add_argument("--cooperation", choices=["data", "computation", "knowledge"], help="cooperation type")
+    q.add_argument("--modality", help="sensor modality, e.g. pm25, camera, heart_rate")
+    q.add_argument("--domain", help="knowledge domain")
+    q.add_argument("--site", help="only agents of this site")
+    q.add_argument("--all", action="store_true", help="include offline agents")
+    q.add_argument("--limit", type=int, default=10, help="at most this many results")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(func=cmd_cms_query)
+    m = cms_sub.add_parser("mirror", help="keep a SQLite mirror of the CMS in sync (a service)",
+                           description="Subscribe to all cards/status and keep a SQLite file in sync.")  # fmt: skip
+    _add_broker_args(m)
+    m.add_argument("--db", default="cms.db", help="SQLite file (default cms.db)")
+    m.set_defaults(func=cmd_cms_mirror)
+
+    p = sub.add_parser("bench", help="run a benchmark (always with a baseline in the same run)",
+                       description="Benchmarks: rpc (vs raw paho), cms (ingest and discovery latency).")  # fmt: skip
+    p.add_argument("which", choices=["rpc", "cms", "scheduling", "slm", "scale"], help="which benchmark")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--quick", action="store_true", help="smaller workload (smoke run)")
+    p.add_argument("--agents", type=int, default=1000, help="scale: number of agents")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="run a scenario demo on a private broker",
+                       description="Start a private Mosquitto, the scenario's agents and run its tasks.")  # fmt: skip
+    p.add_argument("scenario", nargs="?", default="basic", help="basic, urban or health (default basic)")
+    p.add_argument("--once", action="store_true", help="exit after the report instead of running until Ctrl-C")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except EdgecoopError as exc:
+        print(f"edgecoop: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
