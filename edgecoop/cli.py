@@ -269,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scenario", nargs="?", default="basic", help="basic, urban or health (default basic)")
     p.add_argument("--once", action="store_true", help="exit after the report instead of running until Ctrl-C")
     p.set_defaults(func=cmd_demo)
+
+    from edgecoop.models import add_models_parser
+
+    add_models_parser(sub)
     return parser
 
 
