@@ -92,6 +92,8 @@ _BUILTIN: dict[str, str] = {
     "sensor": "edgecoop.agents.handlers.sensor:SensorHandler",
     "knowledge": "edgecoop.agents.handlers.knowledge:KnowledgeHandler",
     "cloud": "edgecoop.agents.handlers.cloud:CloudHandler",
+    "camera": "edgecoop.agents.handlers.camera:CameraHandler",
+    "rulebook": "edgecoop.agents.handlers.rulebook:RulebookHandler",
 }
 _REGISTERED: dict[str, type[Handler]] = {}
 

@@ -1,0 +1,280 @@
+"""Runs one task: classify, plan from the CMS, dispatch with deadlines, re-dispatch, aggregate, escalate.
+
+Transport-agnostic apart from the :class:`~edgecoop.rpc.Requester` it dispatches through; the MQTT service
+around it is :mod:`edgecoop.orchestrator.service`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgecoop.cms.discovery import DiscoveryQuery, Match
+from edgecoop.errors import BrokerError, EdgecoopError, RequestError, TopicError
+from edgecoop.mirror import CmsMirror
+from edgecoop.orchestrator.classifier import Classification, Classifier
+from edgecoop.orchestrator.compose import Answer, compose
+from edgecoop.orchestrator.plans import Plan, Step, build_plan, cloud_plan
+from edgecoop.orchestrator.strategies import Strategy
+from edgecoop.rpc import Requester
+from edgecoop.wire import encode
+from edgecoop.worker import Worker
+
+__all__ = ["Engine", "StepFailed", "TaskOutcome", "TaskSpec"]
+
+log = logging.getLogger(__name__)
+Emit = Callable[[str, Mapping[str, Any]], Awaitable[None]]
+MAX_ATTEMPTS = 3
+
+
+class StepFailed(EdgecoopError):
+    code = "step_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    task_id: str
+    question: str
+    privacy: str | None = None
+    deadline_s: float = 60.0
+    summarize: bool = False
+    strategy: str | None = None
+
+
+@dataclass
+class TaskOutcome:
+    state: str  # done | failed | timed_out
+    answer: Answer | None
+    tier: str  # edge | cloud | none
+    classification: Classification | None
+    plan: dict[str, Any]
+    trace: list[dict[str, Any]] = field(default_factory=list)
+    reason: str = ""
+    cost: float = 0.0
+    cloud_bytes: int = 0
+    cloud_calls: int = 0
+    latency_ms: float = 0.0
+
+    def to_dict(self, task_id: str) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "v": 1, "type": "task_result", "task_id": task_id, "state": self.state, "tier": self.tier,
+            "reason": self.reason, "plan": self.plan, "trace": self.trace, "cost": round(self.cost, 6),
+            "cloud_calls": self.cloud_calls, "cloud_bytes": self.cloud_bytes, "latency_ms": round(self.latency_ms, 2),
+            "classification": self.classification.to_dict() if self.classification else None,
+        }  # fmt: skip
+        d |= self.answer.to_dict() if self.answer else {"answer": self.reason, "value": None, "decision": None,
+                                                         "sources": [], "confidence": 0.0}  # fmt: skip
+        return d
+
+
+@dataclass
+class _Run:
+    spec: TaskSpec
+    strategy: Strategy
+    c: Classification
+    deadline: float
+    emit: Emit
+    trace: list[dict[str, Any]] = field(default_factory=list)
+    cost: float = 0.0
+    cloud_bytes: int = 0
+    cloud_calls: int = 0
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def _capability(card: Mapping[str, Any], kind: str) -> str | None:
+    return next((c["name"] for c in card.get("capabilities", []) if c.get("kind") == kind), None)
+
+
+def _sensor_name(card: Mapping[str, Any], modality: str | None) -> str | None:
+    return next((s["name"] for s in card.get("sensors", []) if s.get("modality") == modality), None)
+
+
+class Engine:
+    def __init__(self, mirror: CmsMirror, requester: Requester, classifier: Classifier) -> None:
+        self.mirror = mirror
+        self.requester = requester
+        self.classifier = classifier
+        self._classify_worker = Worker("classifier") if classifier.name != "rule" else None
+        self._places: list[str] = []
+        self._places_version = -1
+
+    def close(self) -> None:
+        if self._classify_worker is not None:
+            self._classify_worker.close()
+
+    async def places(self) -> list[str]:
+        if self._places_version != self.mirror.version:
+            self._places_version = self.mirror.version
+
+            def names(store: Any) -> list[str]:
+                rows = store.db.execute("SELECT DISTINCT location_name FROM agents WHERE location_name != ''")
+                return [r[0] for r in rows]
+
+            self._places = await self.mirror.query(names)
+        return self._places
+
+    async def classify(self, spec: TaskSpec) -> Classification:
+        places = await self.places()
+        if self._classify_worker is None:
+            return self.classifier.classify(spec.question, places=places, privacy=spec.privacy)
+        return await self._classify_worker.run(
+            self.classifier.classify, spec.question, places=places, privacy=spec.privacy
+        )
+
+    # -- the task -------------------------------------------------------------------------------------------
+    async def run(self, spec: TaskSpec, strategy: Strategy, emit: Emit) -> TaskOutcome:
+        started = time.monotonic()
+        c = await self.classify(spec)
+        run = _Run(spec, strategy, c, started + spec.deadline_s, emit)
+        await emit("classified", {"classification": c.to_dict()})
+        outcome = await self._run_classified(run)
+        outcome.latency_ms = (time.monotonic() - started) * 1000
+        outcome.trace, outcome.cost = run.trace, run.cost
+        outcome.cloud_bytes, outcome.cloud_calls = run.cloud_bytes, run.cloud_calls
+        return outcome
+
+    async def _run_classified(self, run: _Run) -> TaskOutcome:
+        c, spec = run.c, run.spec
+        private = c.privacy == "private"
+        cloud_ok = not private and run.strategy.name != "edge-only"
+        if private and not c.edge_capable:
+            text = ("This request involves private health data and needs more than the edge can do; "
+                    "it was not sent to the cloud. Please ask a clinician.")  # fmt: skip
+            return TaskOutcome("done", Answer(text, decision="refused", confidence=1.0), "none", c, {"shape": "none"})
+        tier = run.strategy.tier(c) if cloud_ok else "edge"
+        if tier == "cloud":
+            return await self._cloud(run, reason="strategy")
+        plan = build_plan(c, spec.question, summarize=spec.summarize)
+        await run.emit("planned", {"plan": self._describe(plan)})
+        try:
+            results = await self._execute(run, plan)
+            answer = compose(c, results, spec.question)
+        except (StepFailed, KeyError, ValueError, TypeError) as exc:
+            reason = f"edge could not serve the task: {exc}"
+            if cloud_ok:
+                return await self._cloud(run, reason=reason)
+            if private:
+                reason += " (private task: the cloud was not used)"
+            return TaskOutcome("failed", None, "edge", c, self._describe(plan), reason=reason)
+        if run.strategy.escalate and cloud_ok and answer.confidence < 0.5:
+            return await self._cloud(run, reason=f"low edge confidence {answer.confidence:.2f}")
+        return TaskOutcome("done", answer, "edge", c, self._describe(plan))
+
+    async def _cloud(self, run: _Run, *, reason: str) -> TaskOutcome:
+        plan = cloud_plan(run.spec.question)
+        await run.emit("escalated", {"reason": reason, "plan": self._describe(plan)})
+        try:
+            results = await self._execute(run, plan)
+        except StepFailed as exc:
+            return TaskOutcome("failed", None, "cloud", run.c, self._describe(plan), reason=f"cloud failed: {exc}")
+        answer = compose(run.c, results, run.spec.question) if "cloud" in results else None
+        if answer is None:  # structured intents answered by the cloud: take its text
+            answer = Answer(str(results["cloud"].get("text", "")))
+        answer = Answer(str(results["cloud"].get("text", "")) or answer.text, confidence=0.95)
+        return TaskOutcome("done", answer, "cloud", run.c, self._describe(plan), reason=reason)
+
+    def _describe(self, plan: Plan) -> dict[str, Any]:
+        return {"shape": plan.shape, "tier": plan.tier, "stages": [[s.describe() for s in st] for st in plan.stages]}
+
+    # -- execution ------------------------------------------------------------------------------------------
+    async def _execute(self, run: _Run, plan: Plan) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        for stage in plan.stages:
+            if run.remaining() <= 0:
+                raise StepFailed("task deadline passed")
+            outs = await asyncio.gather(*(self._step(run, s, results) for s in stage), return_exceptions=True)
+            for step, out in zip(stage, outs, strict=True):
+                if isinstance(out, BaseException):
+                    if isinstance(out, asyncio.CancelledError):
+                        raise out
+                    if not step.optional:
+                        raise out if isinstance(out, StepFailed) else StepFailed(f"{step.name}: {out}")
+                    continue
+                results[step.name] = out
+            if any(s.name == "summary" for st in plan.stages for s in st):
+                try:
+                    results["_facts"] = compose(run.c, results, run.spec.question).facts
+                except (KeyError, ValueError, TypeError):
+                    results["_facts"] = ""
+        return results
+
+    async def _candidates(self, run: _Run, step: Step) -> list[Match]:
+        semantic = run.strategy.semantic or step.kind == "cloud"
+        q = DiscoveryQuery(
+            need=(step.need if semantic else ""), kind=step.kind, modality=step.modality if step.kind == "sensor" else None,
+            domain=step.domain, limit=50,
+        )  # fmt: skip
+        found = await self.mirror.discover(q)
+        if step.domain and not found:  # a knowledge base without that exact domain tag can still serve
+            found = await self.mirror.discover(DiscoveryQuery(need=q.need, kind=step.kind, limit=50))
+        if run.c.privacy == "private":
+            found = [m for m in found if m.card.get("privacy") in ("private", "site") and step.kind != "cloud"]
+        return found
+
+    async def _step(self, run: _Run, step: Step, results: Mapping[str, Any]) -> Any:
+        candidates = await self._candidates(run, step)
+        if not candidates:
+            raise StepFailed(f"no online agent offers {step.kind}" + (f" ({step.modality})" if step.modality else ""))
+        ordered = run.strategy.order(candidates, f"{step.kind}:{step.modality or ''}")
+        if step.fanout:
+            outs = await asyncio.gather(
+                *(self._call(run, step, m, results, 0) for m in ordered), return_exceptions=True
+            )
+            ok = [(m.agent_id, o) for m, o in zip(ordered, outs, strict=True) if not isinstance(o, BaseException)]
+            if not ok:
+                raise StepFailed(f"{step.name}: every agent failed")
+            return ok
+        errors = []
+        for attempt, m in enumerate(ordered[:MAX_ATTEMPTS]):
+            try:
+                return await self._call(run, step, m, results, attempt)
+            except (RequestError, BrokerError, TopicError) as exc:
+                errors.append(f"{m.agent_id}: {exc}")  # re-dispatch to the next candidate
+        raise StepFailed(f"{step.name} failed on {len(errors)} agent(s): " + "; ".join(errors))
+
+    async def _call(self, run: _Run, step: Step, m: Match, results: Mapping[str, Any], attempt: int) -> Any:
+        cap = _capability(m.card, step.kind)
+        if cap is None:
+            raise StepFailed(f"{m.agent_id} has no {step.kind} capability")
+        data = step.make_input(results)
+        if step.kind == "sensor":
+            sensor = _sensor_name(m.card, data.pop("modality", step.modality))
+            if sensor is None:
+                raise StepFailed(f"{m.agent_id} has no {step.modality} sensor")
+            data["sensor"] = sensor
+        timeout = min(step.timeout_s, run.remaining())
+        if timeout <= 0:
+            raise StepFailed("task deadline passed")
+        tier = "cloud" if step.kind == "cloud" else "edge"
+        if tier == "cloud":
+            if run.c.privacy == "private":  # defence in depth: never, whatever the plan says
+                raise StepFailed("refusing to send a private task to the cloud")
+            run.cloud_calls += 1
+            run.cloud_bytes += len(encode(data))
+        t0 = time.monotonic()
+        entry: dict[str, Any] = {"step": step.name, "agent": m.agent_id, "capability": cap, "tier": tier,
+                                 "attempt": attempt}  # fmt: skip
+        try:
+            resp = await self.requester.request(m.agent_id, cap, data, timeout=timeout, task_id=run.spec.task_id)
+        except (RequestError, BrokerError, TopicError) as exc:
+            entry |= {"ok": False, "ms": round((time.monotonic() - t0) * 1000, 2), "error": str(exc)}
+            run.trace.append(entry)
+            await run.emit("step_done", {"step": entry})
+            raise
+        entry |= {"ok": True, "ms": round((time.monotonic() - t0) * 1000, 2)}
+        run.trace.append(entry)
+        result = dict(resp.result)
+        if tier == "cloud":
+            run.cost += float(result.get("cost", 0.0))
+        await run.emit("step_done", {"step": entry})
+        return result
+
+
+def plan_agents(trace: Sequence[Mapping[str, Any]]) -> list[str]:
+    return [t["agent"] for t in trace if t.get("ok")]

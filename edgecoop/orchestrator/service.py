@@ -1,0 +1,303 @@
+"""The Task Orchestrator service: accepts tasks over MQTT, runs them with the engine, answers, persists.
+
+Any MQTT client may submit: publish JSON ``{"question": "..."}`` on ``<prefix>/tasks/submit`` with an MQTT 5
+Response Topic (and optionally Correlation Data); the answer comes back on that topic in the request's format.
+Lifecycle events for dashboards go to ``<prefix>/tasks/events/<task_id>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from edgecoop.connection import BrokerSettings, Connection, Message, State
+from edgecoop.errors import EdgecoopError, SchemaError, TopicError, WireError
+from edgecoop.messages import Status
+from edgecoop.mirror import CmsMirror
+from edgecoop.orchestrator.classifier import Classifier, RuleClassifier
+from edgecoop.orchestrator.engine import Engine, TaskOutcome, TaskSpec
+from edgecoop.orchestrator.store import TaskStore
+from edgecoop.orchestrator.strategies import STRATEGIES, Strategy, get_strategy
+from edgecoop.rpc import ReplyContext, Requester, reply_context
+from edgecoop.topics import Topics, validate_id
+from edgecoop.wire import Format, decode, encode
+from edgecoop.worker import Worker
+
+__all__ = ["Orchestrator", "parse_submission"]
+
+log = logging.getLogger(__name__)
+MAX_QUESTION = 2000
+
+
+def parse_submission(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a task submission from any client; raise SchemaError naming the bad field."""
+    q = data.get("question")
+    if not isinstance(q, str) or not q.strip():
+        raise SchemaError("task: 'question' must be a non-empty string")
+    if len(q) > MAX_QUESTION:
+        raise SchemaError(f"task: 'question' is longer than {MAX_QUESTION} characters")
+    out: dict[str, Any] = {"question": q.strip()}
+    if (tid := data.get("task_id")) is not None:
+        try:
+            out["task_id"] = validate_id(tid, "task_id")
+        except TopicError as exc:
+            raise SchemaError(f"task: {exc}") from exc
+    if (p := data.get("privacy")) is not None:
+        if p not in ("public", "site", "private"):
+            raise SchemaError("task: 'privacy' must be public, site or private")
+        out["privacy"] = p
+    if (s := data.get("strategy")) is not None:
+        if s not in STRATEGIES:
+            raise SchemaError(f"task: unknown strategy {s!r}; one of {', '.join(STRATEGIES)}")
+        out["strategy"] = s
+    if (d := data.get("deadline_s")) is not None:
+        if isinstance(d, bool) or not isinstance(d, int | float) or not 0 < d <= 600:
+            raise SchemaError("task: 'deadline_s' must be a number in (0, 600]")
+        out["deadline_s"] = float(d)
+    if (sm := data.get("summarize")) is not None:
+        if not isinstance(sm, bool):
+            raise SchemaError("task: 'summarize' must be true or false")
+        out["summarize"] = sm
+    return out
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        topics: Topics | None = None,
+        orchestrator_id: str = "orchestrator",
+        strategy: str = "capability-aware",
+        classifier: Classifier | None = None,
+        db_path: str | Path = ":memory:",
+        max_concurrent: int = 16,
+        default_deadline_s: float = 60.0,
+        summarize: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.settings = settings
+        self.topics = topics or Topics()
+        self.orchestrator_id = validate_id(orchestrator_id, "orchestrator id")
+        self.default_strategy = get_strategy(strategy, seed)
+        self._strategies: dict[str, Strategy] = {strategy: self.default_strategy}
+        self._seed = seed
+        self.classifier = classifier or RuleClassifier()
+        self.default_deadline_s = default_deadline_s
+        self.summarize = summarize
+        self._db_path = db_path
+        self._worker = Worker(f"tasks[{orchestrator_id}]")
+        self.store: TaskStore | None = None
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self.counters: Counter[str] = Counter()
+        self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._running: set[asyncio.Task[None]] = set()
+        self.mirror = CmsMirror(settings, topics=self.topics, client_id=f"{orchestrator_id}-cms")
+        self.conn = Connection(
+            settings,
+            self.orchestrator_id,
+            subscriptions=[(self.topics.task_submit(), 1), Requester.subscription(self.topics, self.orchestrator_id)],
+            handler=self._on_message,
+            will=lambda: aiomqtt.Will(self.topics.orchestrator_status(self.orchestrator_id),
+                                      encode(Status(self.orchestrator_id, False, self._epoch).to_dict()), 1, True),
+            on_connect=self._on_connect,
+        )  # fmt: skip
+        self._epoch = time.time_ns() // 1_000_000
+        self.requester = Requester(self.conn, self.topics)
+        self.engine = Engine(self.mirror, self.requester, self.classifier)
+        self.state = State.NEW
+
+    def strategy(self, name: str | None) -> Strategy:
+        if not name:
+            return self.default_strategy
+        if name not in self._strategies:
+            self._strategies[name] = get_strategy(name, self._seed)
+        return self._strategies[name]
+
+    async def _on_connect(self, client: aiomqtt.Client) -> None:
+        payload = encode(Status(self.orchestrator_id, True, self._epoch).to_dict())
+        await client.publish(self.topics.orchestrator_status(self.orchestrator_id), payload, qos=1, retain=True)
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    async def __aenter__(self) -> Orchestrator:
+        if self.state is not State.NEW:
+            raise RuntimeError("Orchestrator cannot be entered twice")
+        self.state = State.RUNNING
+        self._stack = contextlib.AsyncExitStack()
+        try:
+            self.store = await self._worker.run(TaskStore, self._db_path)
+            self._stack.callback(self._worker.close)
+            self._stack.push_async_callback(self._worker.run, self.store.close)
+            self._stack.callback(self.engine.close)
+            await self._stack.enter_async_context(self.mirror)
+            self._tg = asyncio.TaskGroup()
+            await self._stack.enter_async_context(self._tg)
+            await self._stack.enter_async_context(self.conn)
+            await self.mirror.sync()
+            for rec in await self._worker.run(self.store.unfinished):
+                self.counters["recovered"] += 1
+                self._start(rec["task_id"], rec["request"], _route_from_record(rec))
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        with contextlib.suppress(EdgecoopError, TimeoutError):
+            async with asyncio.timeout(2):
+                payload = encode(Status(self.orchestrator_id, False, self._epoch).to_dict())
+                await self.conn.publish(self.topics.orchestrator_status(self.orchestrator_id), payload, retain=True)
+        for t in list(self._running):
+            t.cancel()
+        await self._stack.aclose()
+
+    # -- intake ----------------------------------------------------------------------------------------------
+    async def _on_message(self, message: Message) -> None:
+        if self.requester.handle(message):
+            return
+        route = reply_context(message, self.topics, any_topic=True)
+        raw = message.payload if isinstance(message.payload, bytes) else b""
+        try:
+            data, _ = decode(raw, getattr(message.properties, "ContentType", None))
+            sub = parse_submission(data)
+        except WireError as exc:
+            self.counters["bad_submission"] += 1
+            log.warning("orchestrator: bad task submission: %s", exc)
+            if route is not None:
+                err = {
+                    "v": 1,
+                    "type": "task_result",
+                    "state": "rejected",
+                    "error": {"code": exc.code, "message": str(exc)},
+                }
+                await self._send(route, err)
+            return
+        await self.accept(sub, route)
+
+    async def accept(self, sub: dict[str, Any], route: ReplyContext | None) -> str:
+        task_id = sub.get("task_id") or uuid.uuid4().hex[:16]
+        strategy = self.strategy(sub.get("strategy")).name
+        assert self.store is not None
+        created = await self._worker.run(
+            self.store.create, task_id, sub["question"], strategy, sub, route.response_topic if route else None,
+            route.correlation if route else None, route.fmt.value if route else Format.MSGPACK.value,
+        )  # fmt: skip
+        if not created:
+            self.counters["duplicate"] += 1
+            rec = await self._worker.run(self.store.get, task_id)
+            if rec and rec["result"] is not None and route is not None:
+                await self._send(route, rec["result"])  # answered once, re-sent on a duplicate submission
+            return task_id
+        self.counters["accepted"] += 1
+        self._start(task_id, sub, route)
+        return task_id
+
+    def _start(self, task_id: str, sub: Mapping[str, Any], route: ReplyContext | None) -> None:
+        t = self._tg.create_task(self._run(task_id, sub, route), name=f"orchestrator[{self.orchestrator_id}].task")
+        self._running.add(t)
+        t.add_done_callback(self._running.discard)
+
+    async def submit(self, question: str, **kw: Any) -> dict[str, Any]:
+        """Run a task in-process and return its result (used by the CLI's bench and the demo)."""
+        sub = parse_submission({"question": question, **kw})
+        task_id = sub.setdefault("task_id", uuid.uuid4().hex[:16])
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiters[task_id] = fut
+        try:
+            await self.accept(sub, None)
+            return await fut
+        finally:
+            self._waiters.pop(task_id, None)
+
+    # -- running ---------------------------------------------------------------------------------------------
+    async def _run(self, task_id: str, sub: Mapping[str, Any], route: ReplyContext | None) -> None:
+        spec = TaskSpec(
+            task_id, sub["question"], sub.get("privacy"), float(sub.get("deadline_s", self.default_deadline_s)),
+            bool(sub.get("summarize", self.summarize)), sub.get("strategy"),
+        )  # fmt: skip
+        strategy = self.strategy(spec.strategy)
+
+        async def emit(state: str, extra: Mapping[str, Any]) -> None:
+            await self._event(task_id, state, spec.question, extra)
+
+        result: dict[str, Any]
+        try:
+            async with self._slots:
+                await emit("received", {"strategy": strategy.name})
+                assert self.store is not None
+                await self._worker.run(self.store.set_state, task_id, "running")
+                try:
+                    async with asyncio.timeout(spec.deadline_s + 1.0):
+                        outcome = await self.engine.run(spec, strategy, emit)
+                except TimeoutError:
+                    outcome = TaskOutcome(
+                        "timed_out", None, "none", None, {}, reason=f"no answer within {spec.deadline_s:.0f}s"
+                    )
+                result = outcome.to_dict(task_id)
+        except asyncio.CancelledError:
+            raise  # shutting down: the task stays 'running' in SQLite and is recovered on restart
+        except Exception as exc:  # never let a task vanish: a bug becomes a 'failed' with its reason
+            log.exception("orchestrator: task %s crashed", task_id)
+            result = TaskOutcome("failed", None, "none", None, {}, reason=f"internal error: {exc!r}").to_dict(task_id)
+        result["question"] = spec.question
+        result["strategy"] = strategy.name
+        assert self.store is not None
+        first = await self._worker.run(self.store.finish, task_id, result["state"], result, result["tier"])
+        if not first:
+            self.counters["late_duplicate"] += 1
+            return
+        self.counters[result["state"]] += 1
+        self.counters[f"tier_{result['tier']}"] += 1
+        await emit(result["state"], {k: result[k] for k in ("answer", "tier", "latency_ms", "cost", "trace", "plan")}
+                   | {"classification": result["classification"]})  # fmt: skip
+        if route is not None:
+            await self._send(route, result)
+        fut = self._waiters.get(task_id)
+        if fut is not None and not fut.done():
+            fut.set_result(result)
+
+    async def _event(self, task_id: str, state: str, question: str, extra: Mapping[str, Any]) -> None:
+        event = {"v": 1, "type": "task_event", "task_id": task_id, "state": state, "question": question,
+                 "ts": time.time(), **extra}  # fmt: skip
+        try:
+            await self.conn.publish(self.topics.task_event(task_id), encode(event), qos=0, wait=5)
+        except (EdgecoopError, TopicError) as exc:  # events are best effort; results are not
+            self.counters["event_failed"] += 1
+            log.debug("event for %s not published: %s", task_id, exc)
+
+    async def _send(self, route: ReplyContext, result: Mapping[str, Any]) -> None:
+        try:
+            payload = encode(dict(result), route.fmt)
+        except WireError:
+            payload = encode(
+                {k: result[k] for k in ("v", "type", "task_id", "state", "answer") if k in result}, route.fmt
+            )
+        try:
+            await self.conn.publish(route.response_topic, payload, qos=1, properties=route.properties())
+        except EdgecoopError as exc:
+            self.counters["reply_failed"] += 1
+            log.warning("orchestrator: reply to %s failed: %s", route.response_topic, exc)
+
+    async def task(self, task_id: str) -> dict[str, Any] | None:
+        assert self.store is not None
+        return await self._worker.run(self.store.get, task_id)
+
+
+def _route_from_record(rec: Mapping[str, Any]) -> ReplyContext | None:
+    if not rec.get("reply_topic"):
+        return None
+    return ReplyContext(
+        rec["reply_topic"], rec.get("correlation"), Format(rec.get("reply_format") or Format.MSGPACK.value)
+    )
