@@ -121,7 +121,10 @@ class SlmHandler(Handler):
         if not isinstance(model, str) or not model:
             raise ConfigError(f"slm option 'model' must be a model name or a .gguf path, not {model!r}")
         self.model_ref = model
-        known = KNOWN_MODELS.get(model)
+        # a known model, by name or by its file (a path to the installed SmolLM2 is still "smollm2-135m")
+        known = KNOWN_MODELS.get(model) or next(
+            (m for m in KNOWN_MODELS.values() if Path(model).name == m.filename), None
+        )
         self.n_ctx = _opt_int(opts, "n_ctx", 2048, 64)
         self.n_threads = _opt_int(opts, "n_threads", 2, 1)
         self.max_tokens = _opt_int(opts, "max_tokens", 128, 1)

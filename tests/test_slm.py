@@ -1,0 +1,237 @@
+"""The ``slm`` capability with the real SmolLM2-135M through llama.cpp, over the real broker."""
+
+import asyncio
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from edgecoop.agents.handlers.slm import choices_grammar
+from edgecoop.connection import Connection, props
+from edgecoop.errors import ConfigError, DependencyMissing, RemoteError, RequestTimeout
+from edgecoop.messages import CapabilityCard, Request
+from edgecoop.mirror import CmsMirror
+from edgecoop.models import resolve_model
+from edgecoop.wire import decode, encode
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    pytest.importorskip("llama_cpp")  # the only reason to skip: the model itself must be installed (scripts/setup)
+    return resolve_model("smollm2-135m")
+
+
+def slm_caps(model: Path, **options):
+    return [{"kind": "slm", "max_concurrency": 2, "options": {"model": str(model), "max_tokens": 48, **options}}]
+
+
+async def raw_request(settings, topics, agent_id, capability, request_input, *, deadline_s, stream=False, wait=15.0):
+    """Send one request with its own deadline and collect every reply (partials, then the final one)."""
+    cid = f"raw-{uuid.uuid4().hex[:8]}"
+    replies: asyncio.Queue = asyncio.Queue()
+
+    async def on_message(message):
+        replies.put_nowait(decode(message.payload)[0])
+
+    conn = Connection(settings, cid, subscriptions=[(topics.reply(cid), 1)], handler=on_message, clean_start=True)
+    async with conn:
+        req = Request(capability, request_input, deadline_ms=int((time.time() + deadline_s) * 1000), stream=stream)
+        await conn.publish(
+            topics.request(agent_id, capability), encode(req.to_dict()), qos=1,
+            properties=props(ResponseTopic=topics.reply(cid), CorrelationData=b"c-1"),
+        )  # fmt: skip
+        got = []
+        async with asyncio.timeout(wait):
+            while True:
+                got.append(await replies.get())
+                if not got[-1].get("partial"):
+                    return got
+
+
+@pytest.mark.llm
+async def test_plain_generation_answers_with_text(smollm2, make_agent, client):
+    async with make_agent("slm-1", capabilities=slm_caps(smollm2)):
+        resp = await client.req.request("slm-1", "slm", {"prompt": "What is the capital of France?"}, timeout=30)
+        again = await client.req.request("slm-1", "slm", {"prompt": "What is the capital of France?"}, timeout=30)
+    r = resp.result
+    assert isinstance(r["text"], str) and r["text"].strip()
+    assert 0 < r["tokens"] <= 48 and r["tokens_per_s"] > 0 and r["elapsed_ms"] > 0
+    assert r["model"] == "smollm2-135m"
+    assert again.result["text"] == r["text"]  # temperature 0 is deterministic
+
+
+@pytest.mark.llm
+async def test_plain_completion_mode_and_system_prompt(smollm2, make_agent, client):
+    async with make_agent("slm-1", capabilities=slm_caps(smollm2, chat=False, max_tokens=8)):
+        resp = await client.req.request(
+            "slm-1", "slm", {"prompt": "The sky is", "system": "Facts about weather."}, timeout=30
+        )
+    assert resp.result["text"] and resp.result["tokens"] <= 8
+
+
+@pytest.mark.llm
+async def test_choices_always_return_one_of_the_choices(smollm2, make_agent, client):
+    labels = ["positive", "negative", "neutral"]
+    hostile = ['say "yes"', "back\\slash", "two\nlines", "ümlaut ☃", 'root ::= "x"']
+    cases = [
+        ("I love this product, it works great!", labels),
+        ("This is the worst day ever.", labels),
+        ("The meeting is at 3 pm.", labels),
+        ("Count the cars at the station", ["vehicle-counting", "air-quality", "heart-rate"]),
+        ("Pick one", hostile),
+    ]
+    async with make_agent("slm-1", capabilities=slm_caps(smollm2)):
+        for prompt, choices in cases:
+            t0 = time.perf_counter()
+            resp = await client.req.request(
+                "slm-1", "slm", {"prompt": f"Classify: {prompt}", "choices": choices}, timeout=30
+            )
+            elapsed_ms = (time.perf_counter() - t0) * 1000
+            assert resp.result["choice"] in choices, resp.result
+            assert resp.result["text"] == resp.result["choice"]
+            assert elapsed_ms < 5000
+
+
+def test_choices_grammar_escapes_literals():
+    g = choices_grammar(('a"b', "c\\d", "e\nf", "\x01"))
+    assert g == 'root ::= "a\\"b" | "c\\\\d" | "e\\nf" | "\\x01"\n'
+
+
+@pytest.mark.llm
+async def test_json_schema_returns_matching_json(smollm2, make_agent, client):
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string"},
+            "population": {"type": "integer"},
+            "size": {"type": "string", "enum": ["small", "large"]},
+        },
+        "required": ["city", "population", "size"],
+        "additionalProperties": False,
+    }
+    async with make_agent("slm-1", capabilities=slm_caps(smollm2)):
+        resp = await client.req.request(
+            "slm-1", "slm",
+            {"prompt": "Describe Paris as JSON with its population.", "json_schema": schema, "max_tokens": 96},
+            timeout=30,
+        )  # fmt: skip
+    data = resp.result["json"]
+    assert set(data) == {"city", "population", "size"}
+    assert isinstance(data["city"], str) and isinstance(data["population"], int) and data["size"] in {"small", "large"}
+
+
+@pytest.mark.llm
+async def test_streaming_partials_arrive_before_the_final_answer(smollm2, make_agent, client):
+    arrivals: list[tuple[float, str]] = []
+    async with make_agent("slm-1", capabilities=slm_caps(smollm2)):
+        resp = await client.req.request(
+            "slm-1", "slm", {"prompt": "Tell me about the sea."}, timeout=30,
+            on_partial=lambda p: arrivals.append((time.perf_counter(), p.result["token"])),
+        )  # fmt: skip
+        final_at = time.perf_counter()
+    assert len(arrivals) >= 2
+    assert "".join(t for _, t in arrivals) == resp.result["text"]
+    assert arrivals[0][0] < final_at
+    assert resp.seq == len(arrivals) + 1
+
+
+@pytest.mark.llm
+async def test_deadline_expiry_gives_a_timeout_reply_and_the_agent_keeps_serving(
+    smollm2, make_agent, client, settings, topics
+):
+    long_job = {"prompt": "Write a very long story about a lighthouse keeper.", "max_tokens": 1500}
+    async with make_agent("slm-1", capabilities=slm_caps(smollm2, max_tokens=1500)) as agent:
+        # streamed: some tokens arrive, then the deadline passes and the answer is a timeout error reply
+        replies = await raw_request(settings, topics, "slm-1", "slm", long_job, deadline_s=0.6, stream=True)
+        final = replies[-1]
+        assert final["ok"] is False and final["error"]["code"] == "timeout"
+        assert any(r.get("partial") for r in replies[:-1])
+        # not streamed: the requester gives up at the same deadline
+        with pytest.raises(RequestTimeout):
+            await client.req.request("slm-1", "slm", long_job, timeout=0.5)
+        # the generations were stopped: a short request is served right away
+        t0 = time.perf_counter()
+        resp = await client.req.request("slm-1", "slm", {"prompt": "Say hi", "max_tokens": 4}, timeout=10)
+        assert resp.ok and time.perf_counter() - t0 < 3
+        assert agent.counters["timeouts"] + agent.counters["expired"] >= 2
+
+
+@pytest.mark.llm
+async def test_bad_input_gets_error_replies(smollm2, make_agent, client):
+    bad = [
+        {},
+        {"prompt": ""},
+        {"prompt": "   "},
+        {"prompt": 42},
+        {"prompt": "hi", "system": ["x"]},
+        {"prompt": "hi", "max_tokens": "many"},
+        {"prompt": "hi", "max_tokens": 0},
+        {"prompt": "hi", "choices": []},
+        {"prompt": "hi", "choices": "yes"},
+        {"prompt": "hi", "choices": ["ok", 3]},
+        {"prompt": "hi", "choices": [""]},
+        {"prompt": "hi", "json_schema": "object"},
+        {"prompt": "hi", "json_schema": {"type": "object"}, "choices": ["a"]},
+        {"prompt": "word " * 3000},  # longer than the 2048-token context
+    ]
+    async with make_agent("slm-1", capabilities=slm_caps(smollm2)) as agent:
+        for request_input in bad:
+            with pytest.raises(RemoteError) as exc:
+                await client.req.request("slm-1", "slm", request_input, timeout=30)
+            assert exc.value.code in {"capability", "bad_input"}, (request_input, exc.value)
+            assert "slm" in exc.value.remote_message or "prompt" in exc.value.remote_message
+        assert (await client.req.request("slm-1", "slm", {"prompt": "Still there?", "max_tokens": 4}, timeout=10)).ok
+        assert agent.counters["errors"] == len(bad)
+
+
+@pytest.mark.llm
+async def test_card_shows_the_model_with_its_speed(smollm2, make_agent, settings, topics):
+    async with CmsMirror(settings, topics=topics) as mirror, make_agent("slm-1", capabilities=slm_caps(smollm2)):
+        await mirror.wait_for(lambda s: s.card("slm-1") is not None)
+        card = await mirror.query(lambda s: s.card("slm-1"))
+    assert isinstance(card, CapabilityCard)
+    [model] = card.models
+    assert model.name == "smollm2-135m" and model.params == "135M" and model.quant == "Q4_1"
+    assert model.ctx == 2048 and model.tokens_per_s > 0
+    assert [(c.kind, c.cooperation) for c in card.capabilities] == [("slm", "computation")]
+
+
+async def test_missing_model_fails_agent_start(make_agent, tmp_path):
+    agent = make_agent("slm-1", capabilities=slm_caps(tmp_path / "nope.gguf"))
+    with pytest.raises(ConfigError, match=r"nope\.gguf"):
+        async with agent:
+            pass
+
+
+async def test_missing_llama_cpp_is_a_dependency_error(make_agent, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # makes find_spec/import report it missing
+    with pytest.raises(DependencyMissing, match=r"edgecoop\[llm\]"):
+        async with make_agent("slm-1", capabilities=slm_caps(tmp_path / "x.gguf")):
+            pass
+
+
+@pytest.mark.parametrize("options", [{"n_ctx": "big"}, {"temperature": -1}, {"chat": "yes"}, {"model": 3}])
+def test_bad_options_are_config_errors(make_agent, options, tmp_path):
+    with pytest.raises(ConfigError):
+        make_agent("slm-1", capabilities=[{"kind": "slm", "options": {"model": str(tmp_path / "m.gguf"), **options}}])
+
+
+@pytest.mark.llm
+def test_embedding_ranker_prefers_the_vehicle_counter_for_count_cars(smollm2):
+    from edgecoop.cms.discovery import EmbeddingRanker
+
+    ranker = EmbeddingRanker(str(smollm2))
+    try:
+        ranked = ranker.rank(
+            "count cars",
+            [
+                ("air-1", "air quality sensor in the park: PM2.5, PM10, NO2 and ozone; pollution monitoring"),
+                ("cam-1", "traffic camera at the station crossing: vehicle counting of cars, buses and trucks"),
+            ],
+        )
+    finally:
+        ranker.close()
+    assert [agent for agent, _ in ranked] == ["cam-1", "air-1"]
+    assert ranked[0][1] > ranked[1][1]
