@@ -47,6 +47,7 @@ class CloudServer:
         n_ctx: int = 2048,
         n_threads: int = 1,
         model_alias: str = "edgecoop-cloud",
+        api_key: str | None = None,
         startup_timeout: float = 60.0,
     ) -> None:
         self.model = model
@@ -55,6 +56,7 @@ class CloudServer:
         self.n_ctx = n_ctx
         self.n_threads = n_threads
         self.model_alias = model_alias
+        self.api_key = api_key
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = None
@@ -89,6 +91,8 @@ class CloudServer:
             "--host", self.host, "--port", str(self.port), "--n_ctx", str(self.n_ctx),
             "--n_threads", str(self.n_threads), "--n_threads_batch", str(self.n_threads), "--verbose", "False",
         ]  # fmt: skip
+        if self.api_key:  # requests then need "Authorization: Bearer <key>" (readiness too)
+            argv += ["--api_key", self.api_key]
         assert self.log_file is not None
         with self.log_file.open("wb") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
@@ -100,7 +104,9 @@ class CloudServer:
                 self.stop()
                 raise CapabilityError(f"llama_cpp.server exited with {code} during startup: {tail}")
             try:
-                with _NO_PROXY.open(f"{self.url}/models", timeout=1) as resp:
+                headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+                probe = urllib.request.Request(f"{self.url}/models", headers=headers)  # noqa: S310 - our own http URL
+                with _NO_PROXY.open(probe, timeout=1) as resp:
                     if resp.status == 200:
                         return self
             except (urllib.error.URLError, OSError):
