@@ -187,6 +187,21 @@ def cmd_cms_mirror(args: argparse.Namespace) -> int:
     return _run_async(run)
 
 
+# -- dashboard -----------------------------------------------------------------------------------------
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from edgecoop.dashboard import Dashboard
+
+    async def run() -> None:
+        async with Dashboard(_broker(args), Topics(args.prefix), args.host, args.port) as dash:
+            print(f"edgecoop dashboard on {dash.url} (broker {args.broker}, prefix {args.prefix})", flush=True)
+            from edgecoop.systemd import notify_ready, watchdog_loop
+
+            notify_ready()
+            await asyncio.gather(dash.serve_forever(), watchdog_loop())
+
+    return _run_async(run)
+
+
 # -- bench ---------------------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
@@ -273,6 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     from edgecoop.models import add_models_parser
 
     add_models_parser(sub)
+    p = sub.add_parser("dashboard", help="serve the live web dashboard",
+                       description="Serve a live web page of agents, tasks and their cooperation graphs, the "
+                       "edge/cloud split and sensor sparklines (no authentication: bind to a trusted network).")  # fmt: skip
+    _add_broker_args(p)
+    p.add_argument("--host", default=os.environ.get("EDGECOOP_DASHBOARD_HOST", "127.0.0.1"),
+                   help="address to listen on (env EDGECOOP_DASHBOARD_HOST; default 127.0.0.1)")  # fmt: skip
+    p.add_argument("--port", type=int, default=int(os.environ.get("EDGECOOP_DASHBOARD_PORT", "8080")),
+                   help="HTTP port (env EDGECOOP_DASHBOARD_PORT; default 8080)")  # fmt: skip
+    p.set_defaults(func=cmd_dashboard)
+
     return parser
 
 
