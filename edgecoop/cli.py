@@ -214,6 +214,71 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- orchestrator and tasks ---------------------------------------------------------------------------
+def cmd_orchestrator(args: argparse.Namespace) -> int:
+    from edgecoop.orchestrator import Orchestrator, RuleClassifier, SlmClassifier
+    from edgecoop.orchestrator.classifier import Classifier
+
+    classifier: Classifier = RuleClassifier()
+    if args.classifier == "slm":
+        from edgecoop.models import resolve_model
+
+        classifier = SlmClassifier(str(resolve_model(args.model)))
+
+    async def run() -> None:
+        async with Orchestrator(
+            _broker(args), topics=Topics(args.prefix), orchestrator_id=args.id, strategy=args.strategy,
+            classifier=classifier, db_path=args.db, summarize=args.summarize,
+        ) as orch:  # fmt: skip
+            print(
+                f"orchestrator {args.id} ({args.strategy}, {classifier.name} classifier) on {args.broker}", flush=True
+            )
+            from edgecoop.systemd import notify_ready, watchdog_loop
+
+            notify_ready()
+            await watchdog_loop()
+            _ = orch
+
+    return _run_async(run)
+
+
+def cmd_task(args: argparse.Namespace) -> int:
+    from edgecoop.taskclient import submit_task
+
+    result: dict[str, Any] = {}
+
+    async def run() -> None:
+        result.update(
+            await submit_task(_broker(args), args.question, topics=Topics(args.prefix), timeout=args.timeout,
+                              strategy=args.strategy, privacy=args.privacy, summarize=args.summarize or None)
+        )  # fmt: skip
+
+    _run_async(run)
+    if not result:
+        return 1
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        print(format_result(result))
+    return 0 if result.get("state") == "done" else 1
+
+
+def format_result(r: dict[str, Any]) -> str:
+    agents = " -> ".join(
+        f"{t['agent']}({t['capability']},{t['tier']},{t['ms']:.0f}ms)" for t in r.get("trace", []) if t.get("ok")
+    )
+    c = r.get("classification") or {}
+    lines = [
+        f"answer : {r.get('answer')}",
+        f"state  : {r.get('state')}  tier: {r.get('tier')}  latency: {r.get('latency_ms', 0):.0f} ms  cost: {r.get('cost', 0)}",
+        f"intent : {c.get('intent')} ({', '.join(c.get('cooperation', []))}; {r.get('plan', {}).get('shape')}; privacy {c.get('privacy')})",
+        f"route  : {agents or '-'}",
+    ]
+    if r.get("reason"):
+        lines.append(f"reason : {r['reason']}")
+    return "\n".join(lines)
+
+
 # -- demo ----------------------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     from edgecoop.scenarios.demo import run_demo
@@ -279,10 +344,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agents", type=int, default=1000, help="scale: number of agents")
     p.set_defaults(func=cmd_bench)
 
+    from edgecoop.orchestrator.strategies import STRATEGIES
+
+    p = sub.add_parser("orchestrator", help="run the Task Orchestrator service",
+                       description="Accept tasks on <prefix>/tasks/submit, plan them from the CMS, dispatch, answer.")  # fmt: skip
+    _add_broker_args(p)
+    p.add_argument("--id", default="orchestrator", help="orchestrator id (also its MQTT client id)")
+    p.add_argument(
+        "--strategy", default="capability-aware", choices=sorted(STRATEGIES), help="default scheduling strategy"
+    )
+    p.add_argument("--classifier", default="rule", choices=["rule", "slm"], help="rule (default) or slm classifier")
+    p.add_argument("--model", default="smollm2-135m", help="model for the slm classifier")
+    p.add_argument("--db", default="tasks.db", help="SQLite file for task states and results")
+    p.add_argument("--summarize", action="store_true", help="add an SLM summary step to pipelines")
+    p.set_defaults(func=cmd_orchestrator)
+
+    p = sub.add_parser("task", help="submit a task to the orchestrator and print the answer",
+                       description="Publish a task on <prefix>/tasks/submit and wait for the answer.")  # fmt: skip
+    _add_broker_args(p)
+    p.add_argument("question", help="the question, in natural language")
+    p.add_argument("--strategy", choices=sorted(STRATEGIES), help="scheduling strategy for this task")
+    p.add_argument("--privacy", choices=["public", "site", "private"], help="mark the task private (never the cloud)")
+    p.add_argument("--summarize", action="store_true", help="ask for an SLM summary step")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.set_defaults(func=cmd_task)
+
     p = sub.add_parser("demo", help="run a scenario demo on a private broker",
                        description="Start a private Mosquitto, the scenario's agents and run its tasks.")  # fmt: skip
-    p.add_argument("scenario", nargs="?", default="basic", help="basic, urban or health (default basic)")
+    p.add_argument("scenario", nargs="?", default="urban", help="urban (default) or health")
     p.add_argument("--once", action="store_true", help="exit after the report instead of running until Ctrl-C")
+    p.add_argument("--dashboard-port", type=int, default=8080, help="dashboard HTTP port (0 = a free port)")
     p.set_defaults(func=cmd_demo)
 
     from edgecoop.models import add_models_parser

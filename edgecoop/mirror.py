@@ -185,7 +185,7 @@ class CmsMirror:
         finally:
             self._barriers.pop(token, None)
 
-    async def wait_for(self, predicate: Any, timeout: float = 10.0) -> None:
+    async def wait_for(self, predicate: Any, timeout: float | None = 10.0) -> None:
         """Wait until ``predicate(store)`` (run on the store thread) is true."""
         async with asyncio.timeout(timeout):
             while True:

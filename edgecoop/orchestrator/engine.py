@@ -7,6 +7,7 @@ around it is :mod:`edgecoop.orchestrator.service`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -238,6 +239,25 @@ class Engine:
                 errors.append(f"{m.agent_id}: {exc}")  # re-dispatch to the next candidate
         raise StepFailed(f"{step.name} failed on {len(errors)} agent(s): " + "; ".join(errors))
 
+    async def _request_unless_offline(
+        self, agent_id: str, cap: str, data: dict[str, Any], timeout: float, task_id: str
+    ) -> Any:
+        """Dispatch, but give up as soon as the agent is reported dead: re-dispatch need not wait for the deadline."""
+        request = asyncio.ensure_future(self.requester.request(agent_id, cap, data, timeout=timeout, task_id=task_id))
+        watch = asyncio.ensure_future(_watch_offline(self.mirror, agent_id))
+        try:
+            done, _ = await asyncio.wait({request, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if request in done:
+                return request.result()
+            raise AgentWentOffline(f"{agent_id} went offline during the request")
+        finally:
+            for t in (request, watch):
+                if not t.done():
+                    t.cancel()
+            for t in (request, watch):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+
     async def _call(self, run: _Run, step: Step, m: Match, results: Mapping[str, Any], attempt: int) -> Any:
         cap = _capability(m.card, step.kind)
         if cap is None:
@@ -261,7 +281,7 @@ class Engine:
         entry: dict[str, Any] = {"step": step.name, "agent": m.agent_id, "capability": cap, "tier": tier,
                                  "attempt": attempt}  # fmt: skip
         try:
-            resp = await self.requester.request(m.agent_id, cap, data, timeout=timeout, task_id=run.spec.task_id)
+            resp = await self._request_unless_offline(m.agent_id, cap, data, timeout, run.spec.task_id)
         except (RequestError, BrokerError, TopicError) as exc:
             entry |= {"ok": False, "ms": round((time.monotonic() - t0) * 1000, 2), "error": str(exc)}
             run.trace.append(entry)
@@ -274,6 +294,20 @@ class Engine:
             run.cost += float(result.get("cost", 0.0))
         await run.emit("step_done", {"step": entry})
         return result
+
+
+class AgentWentOffline(RequestError):
+    code = "agent_offline"
+
+
+async def _watch_offline(mirror: CmsMirror, agent_id: str) -> None:
+    """Return when the CMS marks ``agent_id`` offline (its Last Will, or a clean exit)."""
+
+    def offline(store: Any) -> bool:
+        st = store.status(agent_id)
+        return st is not None and not st[0]
+
+    await mirror.wait_for(offline, timeout=None)
 
 
 def plan_agents(trace: Sequence[Mapping[str, Any]]) -> list[str]:
