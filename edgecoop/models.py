@@ -145,14 +145,17 @@ def _assemble(m: KnownModel) -> Path | None:
     importlib.invalidate_caches()
     mod: Any = importlib.import_module(m.module)
     target = models_dir() / m.filename
+    partial = target.with_name(target.name + ".partial")  # only a complete, verified file gets the real name
     log.warning("assembling %s into %s (one time)", m.name, target)
     try:
-        out = mod.assemble(target)
-    except (OSError, ValueError) as exc:  # FileNotFoundError for missing chunks, FileExistsError, sha256 mismatch
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Path(mod.assemble(partial, overwrite=True)).replace(target)
+    except (OSError, ValueError) as exc:  # FileNotFoundError for missing chunks, sha256 mismatch, disk full
+        partial.unlink(missing_ok=True)
         raise ConfigError(
             f"cannot assemble {m.name}: {exc}; reinstall with: {shlex.join(install_command(m.name))}"
         ) from exc
-    return Path(out)
+    return target
 
 
 def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
