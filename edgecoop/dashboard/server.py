@@ -282,6 +282,7 @@ class Dashboard:
                 body = _json_bytes({"error": str(exc), "status": exc.status})
                 extra = "Allow: GET, HEAD\r\n" if exc.status == 405 else ""
                 self._respond(writer, exc.status, body, "application/json; charset=utf-8", extra=extra)
+                await self._linger(reader, writer)
             with contextlib.suppress(ConnectionError):
                 async with asyncio.timeout(self._drain_timeout):
                     await writer.drain()
@@ -297,6 +298,22 @@ class Dashboard:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1):
                     await writer.wait_closed()
+
+    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """After an error response, read (and discard) what the client still sends for up to a second.
+
+        Closing a socket with unread input makes the kernel send a reset, which can destroy the response
+        before the client has read it (an oversized head is the typical case).
+        """
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            async with asyncio.timeout(self._drain_timeout):
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+            async with asyncio.timeout(1.0):
+                for _ in range(64):  # at most 4 MiB
+                    if not await reader.read(65536):
+                        break
 
     async def _read_head(self, reader: asyncio.StreamReader) -> tuple[str, str]:
         try:

@@ -168,7 +168,7 @@ let graphCount = 0;
 function renderGraph(task) {
   const { columns } = graphNodes(task);
   const terminal = TERMINAL.has(task.state);
-  const W = 132, H = 40, GX = 44, GY = 12, PAD = 6;
+  const W = 156, H = 40, GX = 40, GY = 12, PAD = 6;
   const all = [[{ io: "in" }], ...columns, [{ io: "out" }]];
   const rows = Math.max(...all.map((c) => c.length));
   const width = PAD * 2 + all.length * W + (all.length - 1) * GX;
@@ -200,18 +200,18 @@ function renderGraph(task) {
       const ok = task.state === "done";
       cls = `node io ${terminal ? (ok ? "ok" : "bad") : "pending"}`;
       label = terminal ? (ok ? "answer" : task.state.replace("_", " ")) : "…";
-      sub = terminal ? [task.tier, task.latency_ms != null ? `${fmt(task.latency_ms, 0)} ms` : ""].filter(Boolean).join(" · ") : task.state;
+      sub = terminal ? [task.tier, task.latency_ms != null ? `${fmt(task.latency_ms, 0)} ms` : ""].filter(Boolean).join(" · ") : task.state.replace("_", " ");
     } else {
       const r = node.result;
       const state = r ? (r.ok === false ? "failed" : "done") : "pending";
       cls = `node step tier-${node.tier || "edge"} ${state}`;
-      label = truncate(node.agent || "?", 18);
-      sub = [truncate(node.capability || "", 14), node.tier, r && r.ms != null ? `${fmt(r.ms, 0)} ms` : ""].filter(Boolean).join(" · ");
+      label = truncate(node.agent || "?", 22);
+      sub = [truncate(node.capability || "", 16), node.tier, r && r.ms != null ? `${fmt(r.ms, 0)} ms` : ""].filter(Boolean).join(" · ");
     }
     root.appendChild(svg("g", { class: cls, "data-agent": node.agent || null },
       svg("rect", { x, y, width: W, height: H, rx: 6 }),
       svg("text", { x: x + W / 2, y: y + 16, "text-anchor": "middle" }, label),
-      svg("text", { x: x + W / 2, y: y + 31, "text-anchor": "middle", class: "sub" }, truncate(sub, 26))));
+      svg("text", { x: x + W / 2, y: y + 31, "text-anchor": "middle", class: "sub" }, truncate(sub, 30))));
   }));
   return root;
 }
@@ -231,6 +231,7 @@ function renderTask(t) {
     el("header", {},
       el("span", { class: "state" }, t.state.replace("_", " ")),
       t.tier ? el("span", { class: `tier tier-${t.tier}` }, t.tier) : null,
+      (t.history || []).some((h) => h.state === "escalated") ? el("span", { class: "escalated" }, "escalated") : null,
       t.latency_ms != null ? el("span", {}, `${fmt(t.latency_ms, 0)} ms`) : null,
       t.cost != null ? el("span", {}, `cost ${fmt(t.cost, 4)}`) : null,
       shape ? el("span", {}, shape) : null,
