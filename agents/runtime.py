@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections import Counter
@@ -25,7 +24,7 @@ from edgecoop.connection import Connection, Message, State
 from edgecoop.errors import EdgecoopError, TopicError, WireError
 from edgecoop.messages import CapabilityCard, Load, Request, Response, Status
 from edgecoop.rpc import ReplyContext, Requester, reply_context
-from edgecoop.topics import Kind, Topics
+from edgecoop.topics import Kind, ParsedTopic, Topics
 from edgecoop.wire import decode, encode
 
 __all__ = ["Agent"]
@@ -65,6 +64,7 @@ class Agent:
         self._queued = 0
         self._inflight = 0
         self._load_dirty = asyncio.Event()
+        self._parsed: dict[str, ParsedTopic] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._loops: list[asyncio.Task[Any]] = []
         self.state = State.NEW
@@ -200,11 +200,15 @@ class Agent:
         topic = str(message.topic)
         if self.requester.handle(message):
             return
-        try:
-            parsed = self.topics.parse(topic)
-        except TopicError:
-            self.counters["bad_topic"] += 1
-            return
+        parsed = self._parsed.get(topic)
+        if parsed is None:
+            try:
+                parsed = self.topics.parse(topic)
+            except TopicError:
+                self.counters["bad_topic"] += 1
+                return
+            if len(self._parsed) < 1024:  # our own request topics: one per capability name clients use
+                self._parsed[topic] = parsed
         if parsed.kind is not Kind.REQUEST or parsed.owner != self.agent_id:
             self.counters["unexpected_topic"] += 1
             return
@@ -264,6 +268,7 @@ class Agent:
                 self._queued -= 1
                 dequeued = True
                 self._inflight += 1
+                self._load_changed()
                 try:
                     call = CallContext(request.task_id, deadline, emit_partial, request.stream)
                     async with asyncio.timeout_at(deadline if deadline else None):
@@ -285,7 +290,14 @@ class Agent:
                     response = Response.error("internal", f"{type(exc).__name__}: {exc}", self.agent_id)
                 finally:
                     self._inflight -= 1
-            await self._reply(route, dataclasses.replace(response, elapsed_ms=(time.monotonic() - started) * 1000))
+            elapsed_ms = (time.monotonic() - started) * 1000
+            await self._reply(
+                route,
+                Response(  # not dataclasses.replace(): that costs more than the echo itself
+                    ok=response.ok, result=response.result, code=response.code, message=response.message,
+                    agent_id=response.agent_id, partial=response.partial, seq=response.seq, elapsed_ms=elapsed_ms,
+                ),
+            )  # fmt: skip
         finally:
             if not dequeued:
                 self._queued -= 1
