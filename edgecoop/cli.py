@@ -375,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scenario", nargs="?", default="urban", help="urban (default) or health")
     p.add_argument("--once", action="store_true", help="exit after the report instead of running until Ctrl-C")
     p.add_argument("--dashboard-port", type=int, default=8080, help="dashboard HTTP port (0 = a free port)")
+    p.add_argument("--broker-port", type=int, default=18830,
+                   help="port of the demo's private broker (default 18830; a free port if taken)")  # fmt: skip
     p.set_defaults(func=cmd_demo)
 
     from edgecoop.models import add_models_parser

@@ -69,7 +69,8 @@ async def _run(args: argparse.Namespace) -> int:
         print(f"unknown scenario {args.scenario!r}; choose urban or health", file=sys.stderr)
         return 2
     ws_port = free_port()
-    broker = MosquittoProcess(websockets_port=ws_port)
+    port = args.broker_port if args.broker_port and _port_free(args.broker_port) else None
+    broker = MosquittoProcess(port, websockets_port=ws_port)
     broker.start()
     stack = contextlib.AsyncExitStack()
     stack.callback(broker.cleanup)
@@ -170,7 +171,20 @@ async def _run(args: argparse.Namespace) -> int:
         await stack.aclose()
 
 
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    if not hasattr(args, "dashboard_port"):
+    args.dashboard_port = getattr(args, "dashboard_port", 0)
+    args.broker_port = getattr(args, "broker_port", None)
+    if args.dashboard_port and not _port_free(args.dashboard_port):
         args.dashboard_port = 0
     return asyncio.run(_run(args))
