@@ -5,6 +5,8 @@ Contract (``<p>`` is the namespace prefix, default ``edgecoop/v1``)::
     <p>/agents/<agent>/card              retained capability card (empty payload = deregistered)
     <p>/agents/<agent>/status            retained online/offline with epoch (Last Will = offline)
     <p>/agents/<agent>/data/<sensor>     sensor readings, not retained
+    <p>/agents/<agent>/ha/<sensor>       JSON mirror of readings for Home Assistant (opt-in), not retained
+    <p>/agents/<agent>/ha/status         retained JSON mirror of the status for Home Assistant (opt-in)
     <p>/agents/<agent>/req/<capability>  requests to one agent (MQTT 5 Response Topic + Correlation Data)
     <p>/pool/<capability>                requests to a worker pool ($share/<group>/... subscription)
     <p>/reply/<client>                   replies to one requester
@@ -82,6 +84,8 @@ class Kind(enum.StrEnum):
     TASK_SUBMIT = "submit"
     TASK_EVENT = "events"
     ORCHESTRATOR_STATUS = "orchestrator_status"
+    HA_STATE = "ha_state"
+    HA_STATUS = "ha_status"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +115,15 @@ class Topics:
 
     def data(self, agent_id: str, sensor: str) -> str:
         return f"{self.prefix}/agents/{validate_id(agent_id, 'agent id')}/data/{validate_id(sensor, 'sensor')}"
+
+    def ha_state(self, agent_id: str, sensor: str) -> str:
+        """JSON mirror of one sensor's readings for Home Assistant (``status`` is reserved)."""
+        if sensor == "status":
+            raise TopicError("sensor name 'status' is reserved for the Home Assistant status mirror", value=sensor)
+        return f"{self.prefix}/agents/{validate_id(agent_id, 'agent id')}/ha/{validate_id(sensor, 'sensor')}"
+
+    def ha_status(self, agent_id: str) -> str:
+        return f"{self.prefix}/agents/{validate_id(agent_id, 'agent id')}/ha/status"
 
     def request(self, agent_id: str, capability: str) -> str:
         agent = validate_id(agent_id, "agent id")
@@ -164,6 +177,10 @@ class Topics:
                 return ParsedTopic(Kind.STATUS, validate_id(agent, "agent id"))
             case ["agents", agent, "data", sensor]:
                 return ParsedTopic(Kind.DATA, validate_id(agent, "agent id"), validate_id(sensor, "sensor"))
+            case ["agents", agent, "ha", "status"]:
+                return ParsedTopic(Kind.HA_STATUS, validate_id(agent, "agent id"))
+            case ["agents", agent, "ha", sensor]:
+                return ParsedTopic(Kind.HA_STATE, validate_id(agent, "agent id"), validate_id(sensor, "sensor"))
             case ["agents", agent, "req", cap]:
                 return ParsedTopic(Kind.REQUEST, validate_id(agent, "agent id"), validate_id(cap, "capability"))
             case ["pool", cap]:
