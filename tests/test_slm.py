@@ -24,7 +24,10 @@ def smollm2() -> Path:
 
 
 def slm_caps(model: Path, **options):
-    return [{"kind": "slm", "max_concurrency": 2, "options": {"model": str(model), "max_tokens": 48, **options}}]
+    # one llama.cpp thread: the 2 CI cores are shared with the broker and the test process, and llama.cpp's
+    # spinning worker threads slow down badly when oversubscribed
+    options = {"model": str(model), "max_tokens": 48, "n_threads": 1, **options}
+    return [{"kind": "slm", "max_concurrency": 2, "options": options}]
 
 
 async def raw_request(settings, topics, agent_id, capability, request_input, *, deadline_s, stream=False, wait=15.0):
@@ -143,18 +146,18 @@ async def test_deadline_expiry_gives_a_timeout_reply_and_the_agent_keeps_serving
 ):
     long_job = {"prompt": "Write a very long story about a lighthouse keeper.", "max_tokens": 1500}
     async with make_agent("slm-1", capabilities=slm_caps(smollm2, max_tokens=1500)) as agent:
-        # streamed: some tokens arrive, then the deadline passes and the answer is a timeout error reply
-        replies = await raw_request(settings, topics, "slm-1", "slm", long_job, deadline_s=0.6, stream=True)
+        # streamed: tokens flow, then the deadline passes and the answer is a timeout error reply
+        replies = await raw_request(settings, topics, "slm-1", "slm", long_job, deadline_s=1.5, stream=True)
         final = replies[-1]
         assert final["ok"] is False and final["error"]["code"] == "timeout"
-        assert any(r.get("partial") for r in replies[:-1])
+        assert all(r.get("partial") for r in replies[:-1])
         # not streamed: the requester gives up at the same deadline
         with pytest.raises(RequestTimeout):
             await client.req.request("slm-1", "slm", long_job, timeout=0.5)
-        # the generations were stopped: a short request is served right away
+        # the generations were stopped (1500 tokens would take 15 s or more): a short request is served at once
         t0 = time.perf_counter()
         resp = await client.req.request("slm-1", "slm", {"prompt": "Say hi", "max_tokens": 4}, timeout=10)
-        assert resp.ok and time.perf_counter() - t0 < 3
+        assert resp.ok and time.perf_counter() - t0 < 5
         assert agent.counters["timeouts"] + agent.counters["expired"] >= 2
 
 
@@ -222,7 +225,7 @@ def test_bad_options_are_config_errors(make_agent, options, tmp_path):
 def test_embedding_ranker_prefers_the_vehicle_counter_for_count_cars(smollm2):
     from edgecoop.cms.discovery import EmbeddingRanker
 
-    ranker = EmbeddingRanker(str(smollm2))
+    ranker = EmbeddingRanker(str(smollm2), n_threads=1)
     try:
         ranked = ranker.rank(
             "count cars",
