@@ -169,16 +169,14 @@ def reply_context(message: Message, topics: Topics, *, any_topic: bool = False) 
     rt = getattr(p, "ResponseTopic", None)
     if not isinstance(rt, str) or not rt:
         return None
-    if any(c in rt for c in "+#\x00") or rt.startswith("$"):
-        return None
-    inside = rt.startswith(topics.prefix + "/")
-    if inside:
-        try:
-            if topics.parse(rt).kind is not Kind.REPLY:
-                return None
-        except TopicError:
-            return None
-    elif not any_topic:
+    key = (topics.prefix, rt, any_topic)
+    ok = _ROUTES.get(key)
+    if ok is None:
+        ok = _route_allowed(rt, topics, any_topic)
+        if len(_ROUTES) >= _MAX_ROUTES:
+            _ROUTES.clear()  # many distinct requesters (or junk): start over rather than grow
+        _ROUTES[key] = ok
+    if not ok:
         return None
     corr = getattr(p, "CorrelationData", None)
     ctype = getattr(p, "ContentType", None)
@@ -188,3 +186,19 @@ def reply_context(message: Message, topics: Topics, *, any_topic: bool = False) 
     except WireError:
         fmt = Format.JSON
     return ReplyContext(rt, corr if isinstance(corr, bytes) else None, fmt)
+
+
+#: verdicts of :func:`_route_allowed` by (prefix, response topic, any_topic): one requester sends many requests
+_ROUTES: dict[tuple[str, str, bool], bool] = {}
+_MAX_ROUTES = 4096
+
+
+def _route_allowed(rt: str, topics: Topics, any_topic: bool) -> bool:
+    if any(c in rt for c in "+#\x00") or rt.startswith("$"):
+        return False
+    if rt.startswith(topics.prefix + "/"):
+        try:
+            return topics.parse(rt).kind is Kind.REPLY
+        except TopicError:
+            return False
+    return any_topic
