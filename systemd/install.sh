@@ -1,0 +1,264 @@
+#!/usr/bin/env bash
+# edgecoop deployment on Debian 12 / Raspberry Pi OS bookworm / Ubuntu (Jetson). Idempotent: run it again after
+# adding an agent config or pulling a new version. Run as root. Step-by-step guide: docs/deployment.md.
+#
+#   sudo systemd/install.sh                    everything on this machine: broker, orchestrator, CMS, dashboard, agents
+#   sudo systemd/install.sh --agent-node       agents only; the broker runs elsewhere (set EDGECOOP_BROKER)
+#   sudo systemd/install.sh --add-user NAME    on the broker host: create MQTT user NAME (an agent id) and its credentials
+#   systemd/install.sh --print-broker-config   print the Mosquitto config this script installs (no root needed)
+#   systemd/install.sh --print-acl             print the ACL this script installs (no root needed)
+#
+# What it does (each step is safe to repeat):
+#   1. apt: python3-venv, mosquitto, mosquitto-clients                              (EDGECOOP_NO_APT=1 skips)
+#   2. system user `edgecoop` (home /var/lib/edgecoop), added to the device groups that exist (video, render, ...)
+#   3. /opt/edgecoop/.venv with edgecoop installed from this checkout                (EDGECOOP_EXTRAS=llm,vision ...)
+#   4. /etc/edgecoop: edgecoop.env (broker URL, dashboard address), credentials/, agent.toml.example
+#   5. broker (not with --agent-node):
+#        /etc/mosquitto/conf.d/edgecoop.conf  from `edgecoop broker --print-config production`
+#        /etc/mosquitto/edgecoop.acl          from `edgecoop broker --print-config acl` + Home Assistant lines
+#        /etc/mosquitto/edgecoop.passwd       one mosquitto_passwd entry per user: orchestrator, cms, dashboard,
+#                                             homeassistant and every agent /etc/edgecoop/<agent-id>.toml
+#      Passwords are generated once and kept in /etc/edgecoop/credentials/<user>.env (0640 root:edgecoop), which the
+#      units read as EDGECOOP_USERNAME / EDGECOOP_PASSWORD. Existing users keep their passwords.
+#   6. systemd units into /etc/systemd/system, the mosquitto.service drop-in, daemon-reload, enable (start is yours)
+#
+# Environment: EDGECOOP_SRC (checkout; default the one holding this script), EDGECOOP_HOME (/opt/edgecoop),
+# EDGECOOP_EXTRAS (none), PYTHON (python3, must be >= 3.11), EDGECOOP_BROKER (mqtt://127.0.0.1:1883),
+# EDGECOOP_TOPIC_PREFIX (edgecoop/v1), EDGECOOP_MQTT_PORT (1883), EDGECOOP_WS_PORT (9001),
+# EDGECOOP_BIN (the edgecoop command used to generate configs; default the venv's).
+set -euo pipefail
+
+SRC=${EDGECOOP_SRC:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+HOME_DIR=${EDGECOOP_HOME:-/opt/edgecoop}
+VENV=$HOME_DIR/.venv
+EXTRAS=${EDGECOOP_EXTRAS:-}
+PYTHON=${PYTHON:-python3}
+BROKER=${EDGECOOP_BROKER:-mqtt://127.0.0.1:1883}
+PREFIX=${EDGECOOP_TOPIC_PREFIX:-edgecoop/v1}
+MQTT_PORT=${EDGECOOP_MQTT_PORT:-1883}
+WS_PORT=${EDGECOOP_WS_PORT:-9001}
+ETC=/etc/edgecoop
+CREDS=$ETC/credentials
+MOSQ=/etc/mosquitto
+MOSQ_MAIN=${EDGECOOP_MOSQUITTO_CONF:-$MOSQ/mosquitto.conf}
+UNITS=/etc/systemd/system
+SERVICE_USERS=(orchestrator cms dashboard homeassistant)
+
+say() { printf '\033[1m[edgecoop]\033[0m %s\n' "$*"; }
+die() { printf '[edgecoop] error: %s\n' "$*" >&2; exit 1; }
+edgecoop_bin() {
+  if [ -n "${EDGECOOP_BIN:-}" ]; then echo "$EDGECOOP_BIN"
+  elif [ -x "$VENV/bin/edgecoop" ]; then echo "$VENV/bin/edgecoop"
+  else command -v edgecoop || die "no edgecoop command: run the full install first or set EDGECOOP_BIN"
+  fi
+}
+
+# -- generated broker files ---------------------------------------------------------------------------------------
+# The generated production config is adapted to Debian's stock mosquitto.conf (Mosquitto 2.0.11):
+#  * a `use_username_as_clientid` line before the first `listener` makes Mosquitto open an extra default listener
+#    on 1883, which collides with `listener 1883` ("Address already in use"): it is moved under each listener;
+#  * Debian's mosquitto.conf already sets persistence_location, and a second one is a fatal "Duplicate" error.
+broker_config() {
+  local drop_pl=0
+  if [ -f "$MOSQ_MAIN" ] && grep -q '^persistence_location' "$MOSQ_MAIN"; then drop_pl=1; fi
+  "$(edgecoop_bin)" broker --print-config production --port "$MQTT_PORT" --websockets-port "$WS_PORT" |
+    awk -v drop_pl="$drop_pl" -v main="$MOSQ_MAIN" '
+      /^listener / { seen_listener = 1 }
+      /^use_username_as_clientid/ && !seen_listener { uuc = $0; next }
+      /^persistence_location/ && drop_pl == 1 { print "# persistence_location: set in " main; next }
+      { print }
+      /^protocol / && uuc != "" { print uuc }'
+}
+
+acl() {
+  local node_prefix=${PREFIX//\//_}
+  "$(edgecoop_bin)" broker --print-config acl --prefix "$PREFIX"
+  cat <<EOF
+
+# Home Assistant MQTT discovery (opt-in per agent: home_assistant = true): an agent writes its discovery configs
+# (node id ${node_prefix}_<agent-id>) and its JSON mirror; the Home Assistant integration logs in as homeassistant.
+pattern write $PREFIX/agents/%u/ha/#
+pattern write homeassistant/+/${node_prefix}_%u/+/config
+user homeassistant
+topic read homeassistant/#
+topic write homeassistant/status
+topic read $PREFIX/agents/+/ha/#
+EOF
+}
+
+case "${1:-}" in
+  --print-broker-config) broker_config; exit 0 ;;
+  --print-acl) acl; exit 0 ;;
+  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+esac
+
+[ "$(id -u)" = 0 ] || die "run as root: sudo $0 $*"
+MODE=full
+ADD_USER=
+case "${1:-}" in
+  "") ;;
+  --agent-node) MODE=agent ;;
+  --add-user) MODE=add-user; ADD_USER=${2:?--add-user needs a user name (an agent id)} ;;
+  *) die "unknown option ${1}; see $0 --help" ;;
+esac
+
+# -- MQTT users --------------------------------------------------------------------------------------------------
+new_password() { "$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(24))'; }
+
+ensure_user() {  # ensure_user NAME: a mosquitto_passwd entry and /etc/edgecoop/credentials/NAME.env, created once
+  local user=$1 env=$CREDS/$1.env password
+  [[ $user =~ ^[A-Za-z0-9._-]{1,64}$ ]] || die "MQTT user '$user' must be a plain agent id ([A-Za-z0-9._-], at most 64)"
+  if [ -f "$env" ]; then
+    password=$(sed -n 's/^EDGECOOP_PASSWORD=//p' "$env")
+  else
+    password=$(new_password)
+    (umask 077 && printf 'EDGECOOP_USERNAME=%s\nEDGECOOP_PASSWORD=%s\n' "$user" "$password" > "$env.tmp")
+    chown root:edgecoop "$env.tmp" && chmod 0640 "$env.tmp" && mv "$env.tmp" "$env"
+    say "created MQTT user $user (credentials in $env)"
+  fi
+  if ! grep -q "^${user}:" "$MOSQ/edgecoop.passwd" 2>/dev/null; then
+    touch "$MOSQ/edgecoop.passwd"
+    mosquitto_passwd -b "$MOSQ/edgecoop.passwd" "$user" "$password"
+    PASSWD_CHANGED=1
+  fi
+}
+
+agent_ids() {  # every /etc/edgecoop/<id>.toml except orchestrator.toml; the [agent] id must equal the file name
+  local f id
+  for f in "$ETC"/*.toml; do
+    [ -e "$f" ] || continue
+    id=$(basename "$f" .toml)
+    [ "$id" = orchestrator ] && continue
+    if [ -x "$VENV/bin/python" ]; then
+      local inner
+      inner=$("$VENV/bin/python" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb")).get("agent", {}).get("id", ""))' "$f") \
+        || die "$f is not valid TOML"
+      [ "$inner" = "$id" ] || die "$f: [agent] id is '$inner'; it must equal the file name '$id' (the unit instance)"
+    fi
+    echo "$id"
+  done
+}
+
+if [ "$MODE" = add-user ]; then
+  command -v mosquitto_passwd >/dev/null || die "mosquitto_passwd not found: run this on the broker host"
+  mkdir -p "$CREDS"
+  PASSWD_CHANGED=0
+  ensure_user "$ADD_USER"
+  chown root:mosquitto "$MOSQ/edgecoop.passwd" && chmod 0640 "$MOSQ/edgecoop.passwd"
+  [ "$PASSWD_CHANGED" = 1 ] && [ -d /run/systemd/system ] && systemctl reload mosquitto || true
+  say "copy $CREDS/$ADD_USER.env to the agent node's $CREDS/$ADD_USER.env (mode 0640, root:edgecoop)"
+  exit 0
+fi
+
+# -- 1. packages ---------------------------------------------------------------------------------------------------
+pkgs=()
+"$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || pkgs+=(python3-venv)
+if [ "$MODE" = full ]; then
+  { command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } || pkgs+=(mosquitto)
+  command -v mosquitto_passwd >/dev/null || pkgs+=(mosquitto-clients mosquitto)
+fi
+if [ ${#pkgs[@]} -gt 0 ]; then
+  [ "${EDGECOOP_NO_APT:-0}" = 1 ] && die "missing packages: ${pkgs[*]} (EDGECOOP_NO_APT=1 is set)"
+  say "apt-get install ${pkgs[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}"
+fi
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || die "$PYTHON is $("$PYTHON" -V 2>&1); edgecoop needs >= 3.11 (Jetson/Ubuntu 22.04: PYTHON=/path/to/python3.11, see docs/deployment.md)"
+
+# -- 2. user -------------------------------------------------------------------------------------------------------
+if ! id edgecoop >/dev/null 2>&1; then
+  say "creating system user edgecoop"
+  useradd --system --home-dir /var/lib/edgecoop --no-create-home --shell /usr/sbin/nologin --user-group edgecoop
+fi
+for group in video render gpio i2c spi dialout; do  # cameras, Jetson GPU, Pi sensors; only groups that exist
+  if getent group "$group" >/dev/null && ! id -nG edgecoop | tr ' ' '\n' | grep -qx "$group"; then
+    usermod -aG "$group" edgecoop
+  fi
+done
+
+# -- 3. virtualenv ---------------------------------------------------------------------------------------------
+mkdir -p "$HOME_DIR"
+[ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+say "installing edgecoop${EXTRAS:+[$EXTRAS]} from $SRC into $VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q --upgrade "$SRC${EXTRAS:+[$EXTRAS]}"
+mkdir -p "$HOME_DIR/docs" && cp "$SRC"/docs/*.md "$HOME_DIR/docs/"
+
+# -- 4. /etc/edgecoop ----------------------------------------------------------------------------------------------
+install -d -m 0750 -o root -g edgecoop "$ETC" "$CREDS"
+if [ ! -f "$ETC/edgecoop.env" ]; then
+  cat > "$ETC/edgecoop.env" <<EOF
+# read by every edgecoop unit (credentials are per service, in $CREDS/<user>.env)
+EDGECOOP_BROKER=$BROKER
+# the dashboard has no login: keep it on loopback, or set 0.0.0.0 on a trusted network only
+EDGECOOP_DASHBOARD_HOST=127.0.0.1
+EDGECOOP_DASHBOARD_PORT=8080
+EOF
+  chown root:edgecoop "$ETC/edgecoop.env" && chmod 0640 "$ETC/edgecoop.env"
+fi
+if [ ! -f "$ETC/agent.toml.example" ]; then
+  cat > "$ETC/agent.toml.example" <<'EOF'
+# Copy to /etc/edgecoop/<agent-id>.toml (the file name must equal [agent] id), then on the broker host run
+# `sudo systemd/install.sh` again (it creates the agent's MQTT user) and `sudo systemctl enable --now edgecoop-agent@<agent-id>`.
+[agent]
+id = "pi-echo-01"
+site = "home"
+description = "Echo agent on a Raspberry Pi (replace with slm, vision, sensor ... capabilities)"
+state_dir = "/var/lib/edgecoop/pi-echo-01"
+home_assistant = false
+
+# [broker] url defaults to EDGECOOP_BROKER from /etc/edgecoop/edgecoop.env; username and password come from
+# /etc/edgecoop/credentials/<agent-id>.env
+
+[[capabilities]]
+kind = "echo"
+EOF
+  chmod 0640 "$ETC/agent.toml.example" && chown root:edgecoop "$ETC/agent.toml.example"
+fi
+agents_found=$(agent_ids)  # a bad agent file stops the install here
+mapfile -t AGENTS <<< "$agents_found"
+[ -n "$agents_found" ] || AGENTS=()
+
+# -- 5. broker -----------------------------------------------------------------------------------------------------
+if [ "$MODE" = full ]; then
+  PASSWD_CHANGED=0
+  for user in "${SERVICE_USERS[@]}" "${AGENTS[@]}"; do ensure_user "$user"; done
+  chown root:mosquitto "$MOSQ/edgecoop.passwd" && chmod 0640 "$MOSQ/edgecoop.passwd"
+  mkdir -p "$MOSQ/conf.d"
+  restart=0
+  broker_config > "$MOSQ/conf.d/edgecoop.conf.new"
+  acl > "$MOSQ/edgecoop.acl.new"
+  cmp -s "$MOSQ/conf.d/edgecoop.conf.new" "$MOSQ/conf.d/edgecoop.conf" 2>/dev/null || restart=1
+  cmp -s "$MOSQ/edgecoop.acl.new" "$MOSQ/edgecoop.acl" 2>/dev/null || PASSWD_CHANGED=1
+  install -m 0644 "$MOSQ/conf.d/edgecoop.conf.new" "$MOSQ/conf.d/edgecoop.conf"
+  install -m 0640 -o root -g mosquitto "$MOSQ/edgecoop.acl.new" "$MOSQ/edgecoop.acl"
+  rm -f "$MOSQ/conf.d/edgecoop.conf.new" "$MOSQ/edgecoop.acl.new"
+fi
+
+# -- 6. units --------------------------------------------------------------------------------------------------------
+install -m 0644 "$SRC"/systemd/edgecoop-agent@.service "$SRC"/systemd/edgecoop-orchestrator.service \
+  "$SRC"/systemd/edgecoop-cms.service "$SRC"/systemd/edgecoop-dashboard.service "$SRC"/systemd/edgecoop.target "$UNITS/"
+if [ "$MODE" = full ]; then
+  install -d "$UNITS/mosquitto.service.d"
+  install -m 0644 "$SRC/systemd/mosquitto-edgecoop.conf" "$UNITS/mosquitto.service.d/edgecoop.conf"
+fi
+if [ -d /run/systemd/system ]; then
+  systemctl daemon-reload
+  if [ "$MODE" = full ]; then
+    systemctl enable mosquitto.service edgecoop.target
+    if [ "$restart" = 1 ]; then systemctl restart mosquitto.service
+    elif [ "$PASSWD_CHANGED" = 1 ]; then systemctl reload mosquitto.service
+    fi
+  fi
+  for id in "${AGENTS[@]}"; do systemctl enable "edgecoop-agent@$id.service"; done
+else
+  say "systemd is not running here: units installed but not enabled"
+fi
+
+say "done. Agents: ${AGENTS[*]:-(none yet: see $ETC/agent.toml.example)}"
+if [ "$MODE" = full ]; then
+  say "start:  systemctl start edgecoop.target      logs: journalctl -u 'edgecoop-*' -f"
+else
+  say "start:  systemctl start edgecoop-agent@<id>  (credentials from the broker host: install.sh --add-user <id>)"
+fi
