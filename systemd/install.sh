@@ -129,12 +129,10 @@ agent_ids() {  # every /etc/edgecoop/<id>.toml except orchestrator.toml; the [ag
     [ -e "$f" ] || continue
     id=$(basename "$f" .toml)
     [ "$id" = orchestrator ] && continue
-    if [ -x "$VENV/bin/python" ]; then
-      local inner
-      inner=$("$VENV/bin/python" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb")).get("agent", {}).get("id", ""))' "$f") \
-        || die "$f is not valid TOML"
-      [ "$inner" = "$id" ] || die "$f: [agent] id is '$inner'; it must equal the file name '$id' (the unit instance)"
-    fi
+    local inner
+    inner=$("$PYTHON" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb")).get("agent", {}).get("id", ""))' "$f") \
+      || die "$f is not valid TOML"
+    [ "$inner" = "$id" ] || die "$f: [agent] id is '$inner'; it must equal the file name '$id' (the unit instance)"
     echo "$id"
   done
 }
@@ -165,6 +163,10 @@ if [ ${#pkgs[@]} -gt 0 ]; then
 fi
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
   || die "$PYTHON is $("$PYTHON" -V 2>&1); edgecoop needs >= 3.11 (Jetson/Ubuntu 22.04: PYTHON=/path/to/python3.11, see docs/deployment.md)"
+
+agents_found=$(agent_ids)  # a bad agent file stops the install here, before anything is changed
+mapfile -t AGENTS <<< "$agents_found"
+[ -n "$agents_found" ] || AGENTS=()
 
 # -- 2. user -------------------------------------------------------------------------------------------------------
 if ! id edgecoop >/dev/null 2>&1; then
@@ -216,9 +218,6 @@ kind = "echo"
 EOF
   chmod 0640 "$ETC/agent.toml.example" && chown root:edgecoop "$ETC/agent.toml.example"
 fi
-agents_found=$(agent_ids)  # a bad agent file stops the install here
-mapfile -t AGENTS <<< "$agents_found"
-[ -n "$agents_found" ] || AGENTS=()
 
 # -- 5. broker -----------------------------------------------------------------------------------------------------
 if [ "$MODE" = full ]; then
