@@ -177,6 +177,9 @@ async def test_bad_input_gets_error_replies(smollm2, make_agent, client):
         {"prompt": "hi", "choices": [""]},
         {"prompt": "hi", "json_schema": "object"},
         {"prompt": "hi", "json_schema": {"type": "object"}, "choices": ["a"]},
+        {"prompt": "hi", "json_schema": {"$ref": "https://example.org/schema.json"}},
+        {"prompt": "hi", "json_schema": {"type": "array", "minItems": 10**9}},
+        {"prompt": "hi", "json_schema": {"type": "strange"}},
         {"prompt": "word " * 3000},  # longer than the 2048-token context
     ]
     async with make_agent("slm-1", capabilities=slm_caps(smollm2)) as agent:

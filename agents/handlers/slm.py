@@ -41,6 +41,11 @@ __all__ = ["SlmHandler", "choices_grammar"]
 
 MAX_CHOICES = 256
 MAX_CHOICE_CHARS = 256
+MAX_SCHEMA_CHARS = 32_768
+MAX_SCHEMA_DEPTH = 32
+MAX_SCHEMA_REPEAT = 1000  # minItems/maxLength & co. expand into grammar text of that size
+_REPEAT_KEYS = frozenset({"minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties",
+                          "minContains", "maxContains"})  # fmt: skip
 _WARMUP_PROMPT = "The weather station on the hill reported that"
 _WARMUP_TOKENS = 32
 # llama.cpp's general.file_type values for the quantisations we are likely to meet.
@@ -73,6 +78,22 @@ def _gbnf_literal(text: str) -> str:
 def choices_grammar(choices: tuple[str, ...]) -> str:
     """GBNF accepting exactly one of ``choices`` (each is a quoted, escaped literal: no grammar injection)."""
     return "root ::= " + " | ".join(_gbnf_literal(c) for c in choices) + "\n"
+
+
+def _check_schema(node: object, depth: int = 0) -> None:
+    """Refuse schemas that would fetch remote ``$ref``s or expand into a huge grammar."""
+    if depth > MAX_SCHEMA_DEPTH:
+        raise CapabilityError(f"slm 'json_schema' is nested deeper than {MAX_SCHEMA_DEPTH} levels")
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            if key == "$ref" and not (isinstance(value, str) and value.startswith("#")):
+                raise CapabilityError(f"slm 'json_schema' may only use local $ref ('#/...'), not {value!r}")
+            if key in _REPEAT_KEYS and isinstance(value, int) and value > MAX_SCHEMA_REPEAT:
+                raise CapabilityError(f"slm 'json_schema' {key} must be <= {MAX_SCHEMA_REPEAT}, not {value}")
+            _check_schema(value, depth + 1)
+    elif isinstance(node, list):
+        for item in node:
+            _check_schema(item, depth + 1)
 
 
 def _opt_int(options: Mapping[str, Any], key: str, default: int, minimum: int) -> int:
@@ -235,6 +256,9 @@ class SlmHandler(Handler):
             if not isinstance(js, Mapping) or not js:
                 raise CapabilityError("slm 'json_schema' must be a non-empty JSON schema object")
             schema = json.dumps(js, sort_keys=True)
+            if len(schema) > MAX_SCHEMA_CHARS:
+                raise CapabilityError(f"slm 'json_schema' is larger than {MAX_SCHEMA_CHARS} characters")
+            _check_schema(js)
             self._grammar(("schema", schema))  # reject unsupported schemas before queueing for the model
         return _Job(prompt, system, max_tokens, choices, schema)
 
@@ -250,7 +274,7 @@ class SlmHandler(Handler):
         try:
             return LlamaGrammar.from_json_schema(value, verbose=False)
         except Exception as exc:  # the converter raises plain Exception/ValueError/KeyError on what it lacks
-            raise CapabilityError(f"unsupported json_schema: {type(exc).__name__}: {exc}") from exc
+            raise CapabilityError(f"slm 'json_schema' is not supported: {type(exc).__name__}: {exc}") from exc
 
     async def handle(self, request_input: Mapping[str, Any], call: CallContext) -> Mapping[str, Any]:
         if self._worker is None or self._llm is None:
