@@ -211,6 +211,15 @@ async def test_missing_model_fails_agent_start(make_agent, tmp_path):
             pass
 
 
+@pytest.mark.llm
+async def test_truncated_model_fails_agent_start(smollm2, make_agent, tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(smollm2.read_bytes()[:1_000_000])  # a valid header, then nothing
+    with pytest.raises(ConfigError, match="cannot load"):
+        async with make_agent("slm-1", capabilities=slm_caps(broken)):
+            pass
+
+
 async def test_missing_llama_cpp_is_a_dependency_error(make_agent, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # makes find_spec/import report it missing
     with pytest.raises(DependencyMissing, match=r"edgecoop\[llm\]"):

@@ -179,14 +179,17 @@ class SlmHandler(Handler):
         import llama_cpp
 
         self.model_path = resolve_model(self.model_ref)
-        llm = llama_cpp.Llama(
-            model_path=str(self.model_path),
-            n_ctx=self.n_ctx,
-            n_threads=self.n_threads,
-            n_threads_batch=self.n_threads,
-            seed=self.seed,
-            verbose=False,
-        )
+        try:
+            llm = llama_cpp.Llama(
+                model_path=str(self.model_path),
+                n_ctx=self.n_ctx,
+                n_threads=self.n_threads,
+                n_threads_batch=self.n_threads,
+                seed=self.seed,
+                verbose=False,
+            )
+        except ValueError as exc:  # llama.cpp could not load it: truncated file, unsupported architecture
+            raise ConfigError(f"llama.cpp cannot load {self.model_path}: {exc}") from exc
         self._resources.callback(llm.close)
         self._llm = llm
         meta: Mapping[str, str] = getattr(llm, "metadata", {}) or {}
