@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import select
@@ -134,10 +135,8 @@ class Child:
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc.stdin is not None and not self.proc.stdin.closed:
-            try:
+            with contextlib.suppress(BrokenPipeError):
                 self.proc.stdin.close()
-            except BrokenPipeError:
-                pass
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -294,7 +293,7 @@ class OurRequester:
             BrokerSettings(port=port),
             cid,
             subscriptions=[Requester.subscription(topics, cid)],
-            handler=lambda m: self.req.handle(m),
+            handler=lambda m: self.req.handle(m),  # noqa: PLW0108 (self.req is created below)
             clean_start=True,
         )
         self.req = Requester(self.conn, topics, max_in_flight=in_flight)
