@@ -82,6 +82,8 @@ class SceneSpec:
     lanes: int = 4
     noise: float = 2.0  # per-pixel Gaussian sensor noise (grey levels)
     flicker: float = 0.03  # slow global illumination change (fraction)
+    pedestrian_height: int = 0  # pixels, feet to crown; 0 = 12 % of the frame height (a street camera)
+    blur: int = 1  # optics: 1 = a 3x3 Gaussian blur before the sensor noise, 0 = razor-sharp drawing
 
     def __post_init__(self) -> None:
         checks = [
@@ -92,6 +94,8 @@ class SceneSpec:
             (1 <= self.lanes <= 8, "lanes must be 1..8"),
             (0 <= self.noise <= 50, "noise must be 0..50"),
             (0 <= self.flicker <= 0.5, "flicker must be 0..0.5"),
+            (self.pedestrian_height == 0 or 8 <= self.pedestrian_height <= self.height, "pedestrian_height: 8..height"),
+            (self.blur in (0, 1), "blur must be 0 or 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -180,6 +184,8 @@ class Scene:
             _draw_walker(img, w, i)
         for v in self.vehicles:
             _draw_vehicle(img, v, i, s)
+        if s.blur:
+            img = cv2.GaussianBlur(img, (3, 3), 0)
         gain = 1.0 + s.flicker * math.sin(2 * math.pi * i / 90.0)
         out: Frame = cv2.convertScaleAbs(img, alpha=gain)
         if s.noise > 0:
@@ -269,24 +275,35 @@ def _schedule_vehicles(spec: SceneSpec, rng: np.random.Generator) -> list[Vehicl
 
 
 def _place_walkers(spec: SceneSpec, rng: np.random.Generator) -> list[Walker]:
+    """Pedestrians on the sidewalks, each in its own horizontal slot for the whole clip (they never overlap).
+
+    Figures taller than the upper sidewalk allows (``pedestrian_height``) all walk on the lower one.
+    """
     h, w = spec.height, spec.width
-    ph = max(8, round(0.12 * h))
+    ph = spec.pedestrian_height or max(8, round(0.12 * h))
+    upper_feet = round(0.19 * h)
+    both = upper_feet - ph >= 0
+    sides = [(i % 2 == 0) and both for i in range(spec.n_pedestrians)]
     walkers = []
-    for i in range(spec.n_pedestrians):
-        upper = i % 2 == 0
-        y_feet = round((0.19 if upper else 0.97) * h) - int(rng.integers(0, max(1, round(0.04 * h))))
-        speed = float(rng.uniform(0.08, 0.35)) * (1 if rng.random() < 0.5 else -1)
-        travel = abs(speed) * spec.frames
-        margin = ph / 2
-        lo, hi = margin, w - margin - travel
-        if hi <= lo:  # a long clip: slow this walker down so they stay in view
-            speed = math.copysign(max(0.0, (w - 2 * margin) / max(1, spec.frames)), speed)
+    for upper in (True, False):
+        idx = [i for i, u in enumerate(sides) if u is upper]
+        if not idx:
+            continue
+        slot = w / len(idx)
+        body = 0.3 * ph  # shoulder width plus swinging limbs
+        if slot < body:
+            raise ValueError(f"scene: {len(idx)} pedestrians of {ph} px do not fit side by side in {w} px")
+        for k in range(len(idx)):
+            lo, hi = k * slot + body / 2, (k + 1) * slot - body / 2
+            speed = float(rng.uniform(0.08, 0.35)) * (1 if rng.random() < 0.5 else -1)
+            speed = math.copysign(min(abs(speed), (hi - lo) / max(1, spec.frames)), speed)
             travel = abs(speed) * spec.frames
-            hi = w - margin - travel
-        x_start = float(rng.uniform(lo, max(lo, hi)))
-        x0 = x_start if speed > 0 else x_start + travel
-        colour = _CLOTHES[int(rng.integers(len(_CLOTHES)))]
-        walkers.append(Walker(y_feet, x0, speed, ph, colour, float(rng.uniform(0, 2 * math.pi))))
+            x_start = float(rng.uniform(lo, max(lo, hi - travel)))
+            x0 = x_start if speed > 0 else x_start + travel
+            jitter = int(rng.integers(0, max(1, round(0.03 * h))))
+            y_feet = (upper_feet if upper else round(0.97 * h)) - jitter
+            colour = _CLOTHES[int(rng.integers(len(_CLOTHES)))]
+            walkers.append(Walker(y_feet, x0, speed, ph, colour, float(rng.uniform(0, 2 * math.pi))))
     return walkers
 
 
@@ -339,22 +356,24 @@ def _draw_vehicle(img: Frame, v: Vehicle, t: int, spec: SceneSpec) -> None:
 
 
 def _draw_walker(img: Frame, p: Walker, t: int) -> None:
-    x = p.x(t)
-    h = p.height
-    y = p.y_feet
-    head_r = max(1, round(h * 0.09))
-    neck = y - h + 2 * head_r
-    hip = y - round(0.47 * h)
-    swing = math.sin(p.phase + 0.35 * t) * 0.18 * h
-    skin = (150, 175, 215)
-    thick = max(1, round(h * 0.08))
-    # legs, then torso, arms and head
-    cv2.line(img, (round(x), hip), (round(x + swing), y), (60, 50, 45), thick)
-    cv2.line(img, (round(x), hip), (round(x - swing), y), (60, 50, 45), thick)
-    cv2.line(img, (round(x), neck), (round(x), hip), p.colour, max(2, round(h * 0.16)))
-    cv2.line(img, (round(x), neck + 1), (round(x - swing * 0.7), hip - 1), p.colour, max(1, thick - 1))
-    cv2.line(img, (round(x), neck + 1), (round(x + swing * 0.7), hip - 1), p.colour, max(1, thick - 1))
-    cv2.circle(img, (round(x), y - h + head_r), head_r, skin, -1)
+    """A person with adult proportions (eight heads tall): head, torso, swinging arms and legs."""
+    x, feet = p.x(t), float(p.y_feet)
+    u = p.height / 8.0
+    swing = math.sin(p.phase + 0.35 * t) * 0.9 * u
+    skin, trousers = (140, 170, 210), (70, 55, 50)
+
+    def pt(dx: float, dy: float) -> tuple[int, int]:
+        return round(x + dx), round(feet - dy)
+
+    leg_w, arm_w = max(1, round(0.55 * u)), max(1, round(0.35 * u))
+    for side in (-1, 1):
+        cv2.line(img, pt(side * 0.4 * u, 4.0 * u), pt(side * (swing + 0.3 * u), 0), trousers, leg_w)
+    torso = np.array([pt(-u, 6.7 * u), pt(u, 6.7 * u), pt(0.8 * u, 4.0 * u), pt(-0.8 * u, 4.0 * u)], np.int32)
+    cv2.fillConvexPoly(img, torso, p.colour)
+    for side in (-1, 1):
+        cv2.line(img, pt(side * 0.95 * u, 6.5 * u), pt(side * 1.1 * u - side * 0.6 * swing, 4.0 * u), p.colour, arm_w)
+    cv2.rectangle(img, pt(-0.15 * u, 7.0 * u), pt(0.15 * u, 6.6 * u), skin, -1)
+    cv2.ellipse(img, pt(0, 7.5 * u), (max(1, round(0.42 * u)), max(1, round(0.55 * u))), 0, 0, 360, skin, -1)
 
 
 # -- real sources and image codecs -------------------------------------------------------------------------

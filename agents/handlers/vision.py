@@ -251,13 +251,18 @@ def detect_people(
     img = frame
     if upscale != 1.0:
         img = cv2.resize(frame, None, fx=upscale, fy=upscale, interpolation=cv2.INTER_LINEAR)
-    if img.shape[0] < 128 or img.shape[1] < 64:  # smaller than one detection window
-        return []
+    # The detector wants a margin of background around a person (a 64x128 window holds a ~96 px person):
+    # replicate the border so people whose feet or head touch the frame edge can still be found.
+    py, px = 32, 0
+    img = cv2.copyMakeBorder(img, py, py, px, px, cv2.BORDER_REPLICATE)
     rects, weights = hog.detectMultiScale(img, hitThreshold=hit_threshold, winStride=(8, 8), padding=(8, 8), scale=1.05)
-    boxes = [
-        (round(x / upscale), round(y / upscale), round(w / upscale), round(h / upscale), float(s))
-        for (x, y, w, h), s in zip(rects, np.asarray(weights).reshape(-1), strict=True)
-    ]
+    fh, fw = frame.shape[:2]
+    boxes = []
+    for (x, y, w, h), score in zip(rects, np.asarray(weights).reshape(-1), strict=True):
+        bx, by, bw, bh = round((x - px) / upscale), round((y - py) / upscale), round(w / upscale), round(h / upscale)
+        inside = max(0, min(bx + bw, fw) - max(bx, 0)) * max(0, min(by + bh, fh) - max(by, 0))
+        if inside >= 0.6 * bw * bh:  # mostly invented border: a false positive far more often than a person
+            boxes.append((bx, by, bw, bh, float(score)))
     return _nms(boxes)
 
 
