@@ -245,6 +245,8 @@ class Dashboard:
 
     def broadcast(self, events: Iterable[Event]) -> None:
         """Send changes to every SSE client; a client whose queue is full is dropped (it reconnects)."""
+        if not self._clients:
+            return  # nobody is watching: do not encode (a new client starts from a snapshot anyway)
         for name, data in events:
             self._seq += 1
             chunk = b"id: %d\nevent: %s\ndata: %s\n\n" % (self._seq, name.encode(), _json_bytes(data))
