@@ -120,7 +120,8 @@ async def http(
 async def api_state(port: int) -> dict[str, Any]:
     status, _, body = await http(port, "/api/state")
     assert status == 200
-    return json.loads(body)
+    state: dict[str, Any] = json.loads(body)
+    return state
 
 
 async def wait_state(port: int, predicate, timeout: float = 5.0) -> dict[str, Any]:
@@ -333,7 +334,8 @@ async def read_sse_event(reader: asyncio.StreamReader, name: str, match=lambda d
         while True:
             block = (await reader.readuntil(b"\n\n")).decode()
             fields = dict(line.split(": ", 1) for line in block.strip().split("\n") if ": " in line)
-            if fields.get("event") == name and match(data := json.loads(fields["data"])):
+            data: dict[str, Any] = json.loads(fields["data"]) if "data" in fields else {}
+            if fields.get("event") == name and match(data):
                 return data
 
 
@@ -443,7 +445,8 @@ class Chromium:
                     raise EOFError(f"Chromium exited (code {self.proc.poll()})")
                 self._buf += chunk
         raw, _, self._buf = self._buf.partition(b"\0")
-        return json.loads(raw)
+        message: dict[str, Any] = json.loads(raw)
+        return message
 
     def call(self, method: str, timeout: float = 15.0, **params: Any) -> dict[str, Any]:
         self._id += 1
@@ -459,7 +462,8 @@ class Chromium:
             if reply.get("id") == self._id:
                 if "error" in reply:
                     raise RuntimeError(f"{method}: {reply['error']}")
-                return reply.get("result", {})
+                result: dict[str, Any] = reply.get("result", {})
+                return result
 
     def open(self, url: str) -> None:
         target = self.call("Target.createTarget", url="about:blank")["targetId"]

@@ -68,7 +68,7 @@ def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
 @pytest.fixture(scope="module")
 def unit_copies(tmp_path_factory) -> Path:
     """The units with ExecStart pointing at an executable that exists (verify insists on it)."""
-    out = tmp_path_factory.mktemp("units")
+    out: Path = tmp_path_factory.mktemp("units")
     fake = out / "edgecoop"
     fake.write_text("#!/bin/sh\nexit 0\n")
     fake.chmod(0o755)
