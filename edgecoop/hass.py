@@ -17,9 +17,9 @@ Limitation: the MQTT Last Will is the msgpack status (one will per connection), 
 Assistant learns that the agent is gone only through ``expire_after`` on sensors that declare a rate; a clean
 exit publishes ``offline`` on the mirror. Deregistration removes the discovery configs (empty retained payloads).
 
-Integration point for sensor handlers: after publishing a :class:`~edgecoop.messages.Reading` on the data topic,
-``if ctx.config.home_assistant: await publish_ha_reading(ctx.conn, ctx.topics, reading)`` (or publish
-:func:`ha_state_payload` on :meth:`Topics.ha_state` yourself).
+Integration point for sensor handlers: after publishing a :class:`~edgecoop.messages.Reading` on the data topic
+(``SensorHandler._publish``, inside its ``try``), ``if ctx.config.home_assistant: await publish_ha_reading(ctx.conn,
+ctx.topics, reading)`` (or publish :func:`ha_state_payload` on :meth:`Topics.ha_state` yourself).
 """
 
 from __future__ import annotations
@@ -254,6 +254,7 @@ async def publish_removal(
         await conn.publish(topic, payload, qos=1, retain=True)
 
 
-async def publish_ha_reading(conn: Connection, topics: Topics, reading: Reading) -> None:
-    """For sensor handlers: mirror one reading as JSON (QoS 0, like the data topic)."""
-    await conn.publish(topics.ha_state(reading.agent_id, reading.sensor), ha_state_payload(reading), qos=0)
+async def publish_ha_reading(conn: Connection, topics: Topics, reading: Reading, *, wait: float | None = 0) -> None:
+    """For sensor handlers: mirror one reading as JSON, with the data topic's policy (QoS 0; by default not waiting
+    for a connection, so a reading is dropped rather than queued: :class:`~edgecoop.errors.BrokerError` then)."""
+    await conn.publish(topics.ha_state(reading.agent_id, reading.sensor), ha_state_payload(reading), qos=0, wait=wait)
