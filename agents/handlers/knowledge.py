@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import sqlite3
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,9 +73,27 @@ def _clean(text: str) -> str:
     text = re.sub(r"^\s*#+\s*", "", text, flags=re.MULTILINE)
     text = re.sub(r"^\s*\|?[-:| ]+\|?\s*$", "", text, flags=re.MULTILINE)  # table rulers
     text = text.replace("**", "").replace("__", "").replace("`", "")
-    text = re.sub(r"\s*\|\s*", " | ", text)
+    text = re.sub(r"[ \t]*\|[ \t]*", " | ", text)
     text = re.sub(r"[ \t]+", " ", text)
     return re.sub(r"\n{3,}", "\n\n", text).strip().strip("|").strip()
+
+
+def _unwrap(text: str) -> str:
+    """Join hard-wrapped paragraph and list-item lines; keep table rows, list items and blank lines apart.
+
+    Block quotes (``>``) are dropped: in these documents they hold disclaimers, not answers.
+    """
+    out: list[str] = []
+    for line in text.split("\n"):
+        s = line.strip()
+        if s.startswith(">"):
+            continue
+        new_block = not s or s.startswith(("|", "- ", "* ", "#")) or re.match(r"\d+\. ", s) is not None
+        if out and out[-1].strip() and not out[-1].lstrip().startswith("|") and not new_block:
+            out[-1] = out[-1].rstrip() + " " + s
+        else:
+            out.append(s)
+    return "\n".join(out)
 
 
 def chunk_markdown(doc: str, text: str, *, max_chars: int = 900) -> list[Passage]:
@@ -92,7 +112,7 @@ def chunk_markdown(doc: str, text: str, *, max_chars: int = 900) -> list[Passage
             sections[-1][1].append(ln)
     out: list[Passage] = []
     for title, body in sections:
-        paragraphs = [p.strip() for p in "\n".join(body).split("\n\n") if p.strip()]
+        paragraphs = [p.strip() for p in _unwrap("\n".join(body)).split("\n\n") if p.strip()]
         chunk = ""
         for para in paragraphs:
             if chunk and len(chunk) + len(para) + 2 > max_chars:
@@ -121,26 +141,44 @@ def _stem(word: str) -> str:
     return word
 
 
-def extract_answer(passage_text: str, terms: list[str], *, max_sentences: int = 2) -> tuple[str, float]:
-    """The passage's sentences that best cover the question's terms, in reading order; and that coverage."""
-    stems = {_stem(t) for t in terms}
-    if not stems:
+def extract_answer(
+    passage_text: str, terms: list[str], *, idf: Mapping[str, float] | None = None, max_sentences: int = 2
+) -> tuple[str, float]:
+    """The passage's sentences that best cover the question's terms, in reading order; and their coverage.
+
+    Terms are weighted by ``idf`` (stem -> weight; rare words such as "gridlock" matter more than "level").
+    Coverage is the weighted share of the question's terms found in the chosen sentences (0..1).
+    """
+    weights = {_stem(t): (idf or {}).get(_stem(t), 1.0) for t in terms}
+    total = sum(weights.values())
+    if total <= 0:
         return "", 0.0
     scored = []
     for i, sentence in enumerate(_sentences(passage_text)):
         words = {_stem(w) for w in _TOKEN.findall(sentence.lower())}
-        hits = len(stems & words)
+        hit = sum(w for stem, w in weights.items() if stem in words)
         has_number = bool(re.search(r"\d", sentence))
-        scored.append((hits + 0.25 * has_number * (hits > 0), -i, sentence, hits))
+        scored.append((hit * (1.1 if has_number else 1.0), -i, sentence, hit))
     if not scored:
         return "", 0.0
     scored.sort(reverse=True)
     best = [s for s in scored[:max_sentences] if s[3] > 0] or scored[:1]
-    if len(best) > 1 and best[1][0] < 0.6 * best[0][0]:
+    if len(best) > 1 and best[1][0] < 0.8 * best[0][0]:
         best = best[:1]
     best.sort(key=lambda s: -s[1])
-    coverage = max(s[3] for s in best) / len(stems)
+    found = {stem for s in best for stem in weights if stem in {_stem(w) for w in _TOKEN.findall(s[2].lower())}}
+    coverage = sum(weights[stem] for stem in found) / total
     return " ".join(s[2] for s in best), coverage
+
+
+def _idf(texts: Iterable[str]) -> dict[str, float]:
+    """Inverse document frequency per crude stem over the passages: ``log(1 + N / df)``."""
+    df: Counter[str] = Counter()
+    n = 0
+    for text in texts:
+        n += 1
+        df.update({_stem(w) for w in _TOKEN.findall(text.lower())})
+    return {stem: math.log(1 + n / c) for stem, c in df.items()}
 
 
 class KnowledgeBase:
@@ -150,6 +188,7 @@ class KnowledgeBase:
         self._stack = contextlib.ExitStack()
         self.conn = sqlite3.connect(db)
         self._stack.callback(self.conn.close)
+        self._idf: dict[str, float] = {}
         try:
             self.conn.execute(
                 "CREATE VIRTUAL TABLE IF NOT EXISTS passages USING fts5("
@@ -169,6 +208,7 @@ class KnowledgeBase:
                 "INSERT INTO passages (doc, title, text) VALUES (?, ?, ?)",
                 ((p.doc, p.title, p.text) for p in passages),
             )
+        self._idf = _idf(p[0] for p in self.conn.execute("SELECT title || ' ' || text FROM passages"))
         count: int = self.conn.execute("SELECT count(*) FROM passages").fetchone()[0]
         return count
 
@@ -189,7 +229,7 @@ class KnowledgeBase:
         passages = [{"doc": d, "title": t, "text": x, "score": round(float(s), 4)} for d, t, x, s in rows]
         if not passages:
             return {"passages": [], "answer": "", "confidence": 0.0, "terms": terms}
-        answer, coverage = extract_answer(passages[0]["text"], terms)
+        answer, coverage = extract_answer(passages[0]["text"], terms, idf=self._idf)
         top = passages[0]["score"]
         runner_up = passages[1]["score"] if len(passages) > 1 else 0.0
         margin = (top - runner_up) / top if top > 0 else 0.0
