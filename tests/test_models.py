@@ -1,5 +1,6 @@
 """Model management: known models, resolve_model, and the ``edgecoop models`` command."""
 
+import argparse
 import subprocess
 import sys
 
@@ -110,9 +111,9 @@ def test_every_models_subcommand_has_help():
     from edgecoop.cli import build_parser
 
     parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     models_parser = sub.choices["models"]
-    inner = next(a for a in models_parser._actions if a.dest == "models_command")
+    inner = next(a for a in models_parser._actions if isinstance(a, argparse._SubParsersAction))
     assert models_parser.description
     for name, p in inner.choices.items():
         assert p.description, name

@@ -5,15 +5,17 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from edgecoop.agents.handlers.slm import choices_grammar
-from edgecoop.connection import Connection, props
+from edgecoop.connection import BrokerSettings, Connection, Message, props
 from edgecoop.errors import ConfigError, DependencyMissing, RemoteError, RequestTimeout
 from edgecoop.messages import CapabilityCard, Request
 from edgecoop.mirror import CmsMirror
 from edgecoop.models import resolve_model
+from edgecoop.topics import Topics
 from edgecoop.wire import decode, encode
 
 
@@ -30,12 +32,16 @@ def slm_caps(model: Path, **options):
     return [{"kind": "slm", "max_concurrency": 2, "options": options}]
 
 
-async def raw_request(settings, topics, agent_id, capability, request_input, *, deadline_s, stream=False, wait=15.0):
+async def raw_request(
+    settings: BrokerSettings, topics: Topics, agent_id: str, capability: str, request_input: dict[str, Any],
+    *, deadline_s: float, stream: bool = False, wait: float = 15.0,
+) -> list[dict[str, Any]]:  # fmt: skip
     """Send one request with its own deadline and collect every reply (partials, then the final one)."""
     cid = f"raw-{uuid.uuid4().hex[:8]}"
-    replies: asyncio.Queue = asyncio.Queue()
+    replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
-    async def on_message(message):
+    async def on_message(message: Message) -> None:
+        assert isinstance(message.payload, bytes)
         replies.put_nowait(decode(message.payload)[0])
 
     conn = Connection(settings, cid, subscriptions=[(topics.reply(cid), 1)], handler=on_message, clean_start=True)
