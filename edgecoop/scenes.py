@@ -205,11 +205,15 @@ class Scene:
         return list(self.frames())
 
 
-def synthetic_scene(seed: int = 0, **params: Any) -> Scene:
-    """Build the scene for ``seed`` and ``params`` (see :class:`SceneSpec`); raises ValueError if it cannot fit."""
+def synthetic_scene(seed: int = 0, *, strict: bool = True, **params: Any) -> Scene:
+    """Build the scene for ``seed`` and ``params`` (see :class:`SceneSpec`).
+
+    With ``strict`` (the default) a ValueError says so when the vehicles cannot all cross the counting line within
+    the clip; otherwise they are scheduled as early as possible and ``truth.vehicles`` counts those that do.
+    """
     spec = SceneSpec(seed=seed, **params)
     rng = np.random.default_rng([spec.seed, 1])
-    vehicles = _schedule_vehicles(spec, rng)
+    vehicles = _schedule_vehicles(spec, rng, strict=strict)
     walkers = _place_walkers(spec, rng)
     crossings = sum(1 for v in vehicles if 1 <= v.crossing_frame(spec.width) <= spec.frames - 1)
     truth = Truth(vehicles=crossings, pedestrians=len(walkers))
@@ -235,7 +239,7 @@ def _lane_band(spec: SceneSpec, lane: int) -> tuple[int, int]:
     return round(top + lane * h), round(top + (lane + 1) * h)
 
 
-def _schedule_vehicles(spec: SceneSpec, rng: np.random.Generator) -> list[Vehicle]:
+def _schedule_vehicles(spec: SceneSpec, rng: np.random.Generator, *, strict: bool) -> list[Vehicle]:
     w = spec.width
     lane_h = (_ROAD[1] - _ROAD[0]) * spec.height / spec.lanes
     gap = max(12.0, 0.08 * w)  # free road between two vehicles of one lane, so their blobs never touch
@@ -261,12 +265,12 @@ def _schedule_vehicles(spec: SceneSpec, rng: np.random.Generator) -> list[Vehicl
             earliest.append(earliest[-1] + (lengths[i - 1] + gap) / speed + 1)
         latest_last = spec.frames - 1 - _END_MARGIN - (w * COUNT_LINE + max(lengths) / 2) / speed - 1
         slack = latest_last - earliest[-1]
-        if slack < 0:
+        if slack < 0 and strict:
             raise ValueError(
                 f"scene: {spec.n_vehicles} vehicles do not fit in {spec.frames} frames on {spec.lanes} lanes; "
                 "raise frames or lanes"
             )
-        offsets = np.sort(rng.uniform(0, slack, size=n))
+        offsets = np.sort(rng.uniform(0, max(0.0, slack), size=n))
         for i in range(n):
             start = math.floor(earliest[i] + float(offsets[i]))
             out.append(Vehicle(lane, direction, start, speed, lengths[i], heights[i], colours[i]))
