@@ -379,8 +379,8 @@ class SensorHandler(Handler):
         buffer_s = float(self.options.get("buffer_s", 600))
         if buffer_s <= 0:
             raise ConfigError(f"capability {spec.name!r}: buffer_s must be positive")
-        #: per-sensor ring buffer of (ts, value); oldest samples fall off (bounded by buffer_s and _MAX_BUFFER)
-        self.buffers: dict[str, deque[tuple[float, float]]] = {
+        #: per-sensor ring buffer of (sample index, value); ts = index / rate_hz; the oldest samples fall off
+        self.buffers: dict[str, deque[tuple[int, float]]] = {
             name: deque(maxlen=max(1, min(_MAX_BUFFER, math.ceil(buffer_s * s.rate_hz) + 1)))
             for name, s in self.specs.items()
         }
@@ -413,11 +413,10 @@ class SensorHandler(Handler):
             if now_k - k > catch_up:
                 k = now_k
             while k <= now_k:
-                ts = sample_time(s, k)
                 value = _value_at(s, k)
-                buf.append((ts, value))
+                buf.append((k, value))
                 self._ready[s.name].set()
-                await self._publish(ctx, topic, Reading(ctx.agent_id, s.name, value, unit, ts))
+                await self._publish(ctx, topic, Reading(ctx.agent_id, s.name, value, unit, sample_time(s, k)))
                 k += 1
             await asyncio.sleep(max(0.0, sample_time(s, k) - time.time()))
 
@@ -459,16 +458,17 @@ class SensorHandler(Handler):
                 await self._ready[s.name].wait()
         out: dict[str, Any] = {"sensor": s.name, "unit": info.unit, "modality": info.modality}
         if op == "latest":
-            ts, value = buf[-1]
-            return {**out, "value": value, "ts": ts, "n": 1, "agg": "last"}
+            k, value = buf[-1]
+            return {**out, "value": value, "ts": sample_time(s, k), "n": 1, "agg": "last"}
         seconds = request_input.get("seconds", 60)
         agg = request_input.get("agg", "mean")
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds <= 86400 * 7:
             raise ValueError("seconds must be a number in (0, 604800]")
         if agg not in AGGREGATES:
             raise ValueError(f"agg must be one of {', '.join(AGGREGATES)}, not {agg!r}")
-        t_end = buf[-1][0]
-        window = [(ts, v) for ts, v in buf if ts > t_end - seconds]
+        t_end = sample_time(s, buf[-1][0])
+        k_start = math.floor((t_end - seconds) * s.rate_hz + 1e-6) + 1  # as in expected_window
+        window = [(k, v) for k, v in buf if k >= k_start]
         return {
             **out,
             "value": _aggregate([v for _, v in window], agg),
@@ -476,5 +476,5 @@ class SensorHandler(Handler):
             "n": len(window),
             "agg": agg,
             "seconds": seconds,
-            "from_ts": window[0][0] if window else None,
+            "from_ts": sample_time(s, window[0][0]) if window else None,
         }
