@@ -67,7 +67,7 @@ def production_config(
     """A Pi-ready broker: passwords, per-agent ACL, client id = username, durable persistence."""
     ws = (
         f"\n# dashboards (browser MQTT over websockets); same passwords and ACL\nlistener {websockets_port}\n"
-        "protocol websockets\n"
+        "protocol websockets\nuse_username_as_clientid true\n"
         if websockets_port
         else ""
     )
@@ -77,15 +77,18 @@ per_listener_settings false
 allow_anonymous false
 password_file {etc_dir}/edgecoop.passwd
 acl_file {etc_dir}/edgecoop.acl
-# a client may only use its own username as client id: no client-id takeover of another agent
-use_username_as_clientid true
 
 listener {port}
 protocol mqtt
+# a client may only use its own username as client id: no client-id takeover of another agent
+# (a listener option: placed before any listener, Mosquitto would open an extra default listener)
+use_username_as_clientid true
 {ws}
 # PUBACK is not "on disk": save on every change so a power cut loses nothing acknowledged
 persistence true
-persistence_location {data_dir}/
+# persistence_location is set by Debian's /etc/mosquitto/mosquitto.conf (a second one is fatal);
+# for a standalone config uncomment:
+# persistence_location {data_dir}/
 autosave_interval 1
 autosave_on_changes true
 

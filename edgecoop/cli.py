@@ -215,29 +215,67 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # -- orchestrator and tasks ---------------------------------------------------------------------------
+_ORCH_DEFAULTS: dict[str, Any] = {
+    "id": "orchestrator", "strategy": "capability-aware", "classifier": "rule", "model": "smollm2-135m",
+    "db": "tasks.db", "summarize": False,
+}  # fmt: skip
+
+
+def _orchestrator_settings(args: argparse.Namespace) -> tuple[dict[str, Any], BrokerSettings, str]:
+    """Flags override the TOML file (``--config``), which overrides the defaults."""
+    import tomllib
+
+    from edgecoop.agents.config import broker_from_table
+    from edgecoop.errors import ConfigError
+
+    conf: dict[str, Any] = {}
+    broker_table: dict[str, Any] = {}
+    if args.config:
+        path = Path(args.config)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"orchestrator config {path}: {exc}") from exc
+        conf = dict(data.get("orchestrator", {}))
+        broker_table = dict(data.get("broker", {}))
+        unknown = set(conf) - set(_ORCH_DEFAULTS)
+        if unknown:
+            raise ConfigError(f"{path}: unknown [orchestrator] keys {sorted(unknown)}; known: {sorted(_ORCH_DEFAULTS)}")
+    settings = {
+        k: getattr(args, k) if getattr(args, k) is not None else conf.get(k, d) for k, d in _ORCH_DEFAULTS.items()
+    }
+    if args.broker is not None:
+        broker = _broker(args)
+    else:
+        broker = broker_from_table(broker_table, Path(args.config).parent if args.config else None)
+    prefix = args.prefix or str(broker_table.get("prefix", DEFAULT_PREFIX))
+    return settings, broker, prefix
+
+
 def cmd_orchestrator(args: argparse.Namespace) -> int:
     from edgecoop.orchestrator import Orchestrator, RuleClassifier, SlmClassifier
     from edgecoop.orchestrator.classifier import Classifier
 
+    conf, broker, prefix = _orchestrator_settings(args)
     classifier: Classifier = RuleClassifier()
-    if args.classifier == "slm":
+    if conf["classifier"] == "slm":
         from edgecoop.models import resolve_model
 
-        classifier = SlmClassifier(str(resolve_model(args.model)))
+        classifier = SlmClassifier(str(resolve_model(conf["model"])))
 
     async def run() -> None:
         async with Orchestrator(
-            _broker(args), topics=Topics(args.prefix), orchestrator_id=args.id, strategy=args.strategy,
-            classifier=classifier, db_path=args.db, summarize=args.summarize,
-        ) as orch:  # fmt: skip
+            broker, topics=Topics(prefix), orchestrator_id=conf["id"], strategy=conf["strategy"],
+            classifier=classifier, db_path=conf["db"], summarize=bool(conf["summarize"]),
+        ):  # fmt: skip
             print(
-                f"orchestrator {args.id} ({args.strategy}, {classifier.name} classifier) on {args.broker}", flush=True
+                f"orchestrator {conf['id']} ({conf['strategy']}, {classifier.name} classifier) on {broker.url}",
+                flush=True,
             )
             from edgecoop.systemd import notify_ready, watchdog_loop
 
             notify_ready()
             await watchdog_loop()
-            _ = orch
 
     return _run_async(run)
 
@@ -338,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run a benchmark (always with a baseline in the same run)",
                        description="Benchmarks: rpc (vs raw paho), cms (ingest and discovery latency).")  # fmt: skip
-    p.add_argument("which", choices=["rpc", "cms", "scheduling", "slm", "scale"], help="which benchmark")
+    p.add_argument("which", choices=["rpc", "cms", "scheduling", "slm", "classifier", "scale"], help="which benchmark")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--quick", action="store_true", help="smaller workload (smoke run)")
     p.add_argument("--agents", type=int, default=1000, help="scale: number of agents")
@@ -347,16 +385,21 @@ def build_parser() -> argparse.ArgumentParser:
     from edgecoop.orchestrator.strategies import STRATEGIES
 
     p = sub.add_parser("orchestrator", help="run the Task Orchestrator service",
-                       description="Accept tasks on <prefix>/tasks/submit, plan them from the CMS, dispatch, answer.")  # fmt: skip
-    _add_broker_args(p)
-    p.add_argument("--id", default="orchestrator", help="orchestrator id (also its MQTT client id)")
+                       description="Accept tasks on <prefix>/tasks/submit, plan them from the CMS, dispatch, answer. "
+                       "Settings come from --config (TOML: [broker] and [orchestrator] tables), overridden by flags.")  # fmt: skip
+    p.add_argument("--config", help="TOML file with [broker] (url, username, password_file) and [orchestrator] "
+                   "(id, strategy, classifier, model, db, summarize)")  # fmt: skip
+    p.add_argument("--broker", default=None, help="broker URL mqtt://[user:pass@]host:port (default from --config, "
+                   "else EDGECOOP_BROKER or mqtt://127.0.0.1:1883)")  # fmt: skip
+    p.add_argument("--prefix", default=None, help=f"topic namespace prefix (default {DEFAULT_PREFIX})")
+    p.add_argument("--id", default=None, help="orchestrator id, also its MQTT client id (default orchestrator)")
     p.add_argument(
-        "--strategy", default="capability-aware", choices=sorted(STRATEGIES), help="default scheduling strategy"
+        "--strategy", default=None, choices=sorted(STRATEGIES), help="default scheduling strategy (capability-aware)"
     )
-    p.add_argument("--classifier", default="rule", choices=["rule", "slm"], help="rule (default) or slm classifier")
-    p.add_argument("--model", default="smollm2-135m", help="model for the slm classifier")
-    p.add_argument("--db", default="tasks.db", help="SQLite file for task states and results")
-    p.add_argument("--summarize", action="store_true", help="add an SLM summary step to pipelines")
+    p.add_argument("--classifier", default=None, choices=["rule", "slm"], help="rule (default) or slm classifier")
+    p.add_argument("--model", default=None, help="model for the slm classifier (default smollm2-135m)")
+    p.add_argument("--db", default=None, help="SQLite file for task states and results (default tasks.db)")
+    p.add_argument("--summarize", action="store_true", default=None, help="add an SLM summary step to pipelines")
     p.set_defaults(func=cmd_orchestrator)
 
     p = sub.add_parser("task", help="submit a task to the orchestrator and print the answer",

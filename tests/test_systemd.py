@@ -143,12 +143,7 @@ def test_exec_start_is_a_valid_command_line(name, capsys):
     [exec_start] = parse_unit(UNIT_DIR / name)["Service"]["ExecStart"]
     assert exec_start == EXPECTED_EXEC[name]
     argv = shlex.split(exec_start.replace("%i", "cam-01"))
-    try:
-        args = build_parser().parse_args(argv[1:])
-    except SystemExit:
-        if name == "edgecoop-orchestrator.service":
-            pytest.xfail(f"`edgecoop orchestrator` does not accept this yet: {capsys.readouterr().err.strip()}")
-        raise
+    args = build_parser().parse_args(argv[1:])
     assert callable(args.func)
 
 

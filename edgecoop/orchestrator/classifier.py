@@ -208,8 +208,25 @@ _INTENT_HELP = {
 }
 
 
+# Hand-written examples for the few-shot prompt (not taken from the labelled evaluation set).
+_SHOTS = (
+    ("How many cars went past the bridge camera?", Intent.COUNT_VEHICLES),
+    ("Is the ring road jammed, should the trams be diverted?", Intent.CONGESTION),
+    ("What is the humidity at the school right now?", Intent.READING),
+    ("Is the noise level at the school above the limit?", Intent.READING_CHECK),
+    ("What is the average humidity across all stations?", Intent.AREA_READING),
+    ("Give me an overview of all my vital signs.", Intent.VITALS_SUMMARY),
+    ("What does the policy say about parking permits?", Intent.KNOWLEDGE),
+    ("Write a limerick about a cat.", Intent.OPEN),
+)
+
+
 class SlmClassifier:
-    """A small language model chooses the intent, constrained by a GBNF grammar to the known labels."""
+    """A small language model chooses the intent, constrained by a GBNF grammar to the known labels.
+
+    Few-shot chat prompt (the system prompt and examples are a constant prefix, so llama.cpp reuses their KV
+    cache between calls). Slots (quantity, place, aggregation) still come from the lexical extractor.
+    """
 
     name = "slm"
 
@@ -220,25 +237,29 @@ class SlmClassifier:
             from edgecoop.errors import DependencyMissing
 
             raise DependencyMissing("llama-cpp-python", "llm") from exc
-        self._llm = Llama(model_path=model_path, n_ctx=1024, n_threads=n_threads, verbose=False)
+        self._llm = Llama(model_path=model_path, n_ctx=2048, n_threads=n_threads, verbose=False)
         labels = " | ".join(f'"{i.value}"' for i in Intent)
         self._grammar = LlamaGrammar.from_string(f"root ::= {labels}", verbose=False)
         self._rules = RuleClassifier()
-        menu = "\n".join(f"- {i.value}: {h}" for i, h in _INTENT_HELP.items())
-        self._system = (
-            f"Classify the user's request into exactly one label.\nLabels:\n{menu}\nAnswer with the label only."
-        )
+        menu = "; ".join(f"{i.value} = {h}" for i, h in _INTENT_HELP.items())
+        self._prefix: list[dict[str, str]] = [
+            {"role": "system", "content": f"Label each request with one label. {menu}."}
+        ]
+        for q, label in _SHOTS:
+            self._prefix += [{"role": "user", "content": q}, {"role": "assistant", "content": label.value}]
 
     def classify(self, question: str, *, places: Sequence[str] = (), privacy: str | None = None) -> Classification:
         out: Any = self._llm.create_chat_completion(
-            messages=[{"role": "system", "content": self._system}, {"role": "user", "content": question[:500]}],
+            messages=[*self._prefix, {"role": "user", "content": question[:500]}],
             grammar=self._grammar, max_tokens=12, temperature=0.0,
         )  # fmt: skip
         label = str(out["choices"][0]["message"]["content"]).strip()
         intent = Intent(label) if label in Intent._value2member_map_ else Intent.OPEN
         base = self._rules.classify(question, places=places, privacy=privacy)
-        return _finish(intent, " ".join(question.lower().split()), base.quantity, base.place, base.agg, base.window_s,
-                       base.area, privacy, self.name, 0.5)  # fmt: skip
+        q = " ".join(question.lower().split())
+        return _finish(
+            intent, q, base.quantity, base.place, base.agg, base.window_s, base.area, privacy, self.name, 0.5
+        )
 
     def close(self) -> None:
         self._llm.close()
