@@ -19,8 +19,10 @@ import asyncio
 import contextlib
 import functools
 import importlib.util
+import itertools
 import json
 import re
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -202,20 +204,16 @@ class SlmHandler(Handler):
         self.tokens_per_s = self._measure_decode_rate()
 
     def _measure_decode_rate(self) -> float:
-        """Warm-up: decode tokens/s of a short plain completion (the prompt evaluation is not counted)."""
-        first = last = 0.0
-        n = 0
-        for chunk in self._llm.create_completion(
-            _WARMUP_PROMPT, max_tokens=_WARMUP_TOKENS, temperature=0.0, stream=True
-        ):
-            last = time.perf_counter()
-            if n == 0:
-                first = last
-            n += 1
-            del chunk
-        if n < 2 or last <= first:
-            return 0.0
-        return round((n - 1) / (last - first), 1)
+        """Warm-up: decode tokens/s of a short plain completion, from the median gap between tokens (the prompt
+        evaluation is not counted, and a stall caused by a busy neighbour does not skew the advertised speed)."""
+        stamps = [
+            time.perf_counter()
+            for _ in self._llm.create_completion(
+                _WARMUP_PROMPT, max_tokens=_WARMUP_TOKENS, temperature=0.0, stream=True
+            )
+        ]
+        gaps = [b - a for a, b in itertools.pairwise(stamps) if b > a]
+        return round(1 / statistics.median(gaps), 1) if gaps else 0.0
 
     async def stop(self) -> None:
         if self._worker is None:
