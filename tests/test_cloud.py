@@ -2,6 +2,7 @@
 
 import asyncio
 import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -97,6 +98,27 @@ async def test_request_deadline_bounds_the_http_call(make_agent, client):
                 worker = await handler._idle.get()
             handler._idle.put_nowait(worker)
             assert agent.counters["timeouts"] + agent.counters["expired"] == 1
+
+
+async def test_broken_http_is_a_bad_reply_error(make_agent, client):
+    with socket.socket() as listener:  # answers every request with garbage, then hangs up
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{"choices"')
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        async with make_agent("cloud-1", capabilities=cloud_caps(url, timeout_s=5)):
+            with pytest.raises(RemoteError) as exc:
+                await client.req.request("cloud-1", "cloud", {"prompt": "hi"}, timeout=10)
+        await asyncio.to_thread(server.join, 5)
+    assert exc.value.code == "upstream_bad_reply"
 
 
 async def test_bad_input_gets_error_replies(make_agent, client):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import ipaddress
 import json
 import os
@@ -229,6 +230,8 @@ class CloudHandler(Handler):
             raise CloudError(f"{self.url} is unreachable: {exc.reason}", code=code, url=self.url) from exc
         except OSError as exc:  # connection reset mid-reply and friends
             raise CloudError(f"{self.url} failed: {exc}", code="upstream_unreachable", url=self.url) from exc
+        except http.client.HTTPException as exc:  # malformed HTTP, truncated body
+            raise CloudError(f"{self.url} sent broken HTTP: {exc!r}", code="upstream_bad_reply", url=self.url) from exc
         if len(raw) > MAX_REPLY_BYTES:
             raise CloudError(
                 f"{self.url} answered more than {MAX_REPLY_BYTES} bytes", code="upstream_bad_reply", url=self.url
