@@ -285,18 +285,18 @@ def _generate() -> Iterator[LabelledTask]:
         yield task("urban", q, "reading", "edge", "public", ("data",),
                    {"kind": "reading", "value": flow["base"], "tol": _tol(flow), "reference": f"{flow['base']}"})  # fmt: skip
     for q, doc, kw in [
-        ("What is the WHO guideline for PM2.5?", "air-quality-limits", ["15", "5 µg"]),
-        ("What does the EU regulation say about NO2 limits?", "air-quality-limits", ["200", "40"]),
-        ("According to the city procedure, when should buses be rerouted?", "bus-rerouting", ["reroute", "divert"]),
-        ("What is the traffic-management procedure for congestion?", "traffic-management", ["congestion"]),
+        ("What is the WHO guideline for PM2.5?", "air_quality", ["15", "5 µg"]),
+        ("What does the EU regulation say about NO2 limits?", "air_quality", ["200", "40"]),
+        ("According to the city procedure, when should buses be rerouted?", "bus_rerouting", ["reroute", "divert"]),
+        ("What is the traffic-management procedure for congestion?", "traffic_management", ["congestion"]),
         ("What are the rules for construction noise at night?", "noise", ["night", "22"]),
         ("What does the regulation say about noise levels in residential areas?", "noise", ["residential", "db"]),
-        ("What is the EU annual limit for PM2.5?", "air-quality-limits", ["25"]),
-        ("What should we do when the air-quality alert level is reached, according to the policy?", "air-quality-limits", ["alert"]),
-        ("What is the procedure for informing passengers of a bus diversion?", "bus-rerouting", ["passenger"]),
-        ("What does the guideline say about PM10 daily values?", "air-quality-limits", ["pm10", "45", "50"]),
-        ("What are the rules for closing a road lane during an incident?", "traffic-management", ["lane"]),
-        ("What is the definition of congestion level 2 in the city procedure?", "traffic-management", ["level 2"]),
+        ("What is the EU annual limit for PM2.5?", "air_quality", ["25"]),
+        ("What should we do when the air-quality alert level is reached, according to the policy?", "air_quality", ["alert"]),
+        ("What is the procedure for informing passengers of a bus diversion?", "bus_rerouting", ["passenger"]),
+        ("What does the guideline say about PM10 daily values?", "air_quality", ["pm10", "45", "50"]),
+        ("What are the rules for closing a road lane during an incident?", "traffic_management", ["lane"]),
+        ("What is the definition of congestion level 2 in the city procedure?", "traffic_management", ["level 2"]),
     ]:  # fmt: skip
         yield task("urban", q, "knowledge", "edge", "public", ("knowledge",),
                    {"kind": "doc", "doc": doc, "keywords": [k.lower() for k in kw], "reference": kw[0]})  # fmt: skip
@@ -348,16 +348,16 @@ def _generate() -> Iterator[LabelledTask]:
             {"kind": "vitals", "decision": d, "reference": d},
         )
     for q, doc, kw in [
-        ("What does the guideline say about SpO2 below 92 percent?", "vital-signs", ["92", "oxygen"]),
+        ("What does the guideline say about SpO2 below 92 percent?", "oxygen_saturation", ["92", "oxygen"]),
         ("According to the guidelines, when should someone with a fever seek care?", "fever", ["fever", "38"]),
-        ("What is the guideline definition of tachycardia?", "vital-signs", ["100"]),
+        ("What is the guideline definition of tachycardia?", "heart_rate", ["100"]),
         ("What does NEWS2 recommend for a high score?", "news2", ["news2", "urgent"]),
-        ("What are the guidelines for the normal resting heart rate range?", "vital-signs", ["60", "100"]),
-        ("When should I call emergency services according to the guidelines?", "when-to-seek-care", ["emergency", "999", "112"]),
-        ("What does the guideline say about bradycardia?", "vital-signs", ["60"]),
+        ("What are the guidelines for the normal resting heart rate range?", "heart_rate", ["60", "100"]),
+        ("When should I call emergency services according to the guidelines?", "news2", ["emergency", "999", "112"]),
+        ("What does the guideline say about bradycardia?", "heart_rate", ["60"]),
         ("How is a fever defined by the guideline?", "fever", ["38"]),
         ("What is the NEWS2 score used for, according to the guideline?", "news2", ["news2"]),
-        ("What does the guideline recommend for low oxygen saturation?", "vital-signs", ["oxygen"]),
+        ("What does the guideline recommend for low oxygen saturation?", "oxygen_saturation", ["oxygen"]),
     ]:  # fmt: skip
         yield task("health", q, "knowledge", "edge", "private", ("knowledge",),
                    {"kind": "doc", "doc": doc, "keywords": [k.lower() for k in kw], "reference": kw[0]})  # fmt: skip

@@ -39,6 +39,11 @@ def judge(value: float, rule: Mapping[str, Any]) -> str:
     return "within"
 
 
+def _label(quantity: str | None) -> str:
+    q = QUANTITIES.get(quantity or "")
+    return (q.label or q.modality.replace("_", " ")) if q else (quantity or "value").replace("_", " ")
+
+
 def _fmt(v: float) -> str:
     return f"{v:.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:.1f}"
 
@@ -70,7 +75,7 @@ def compose(c: Classification, results: Mapping[str, Any], question: str) -> Ans
         case Intent.READING:
             r = results["reading"]
             where = f" at {place}" if c.place else ""
-            what = QUANTITIES[c.quantity or ""].modality.replace("_", " ") if c.quantity else r.get("sensor", "")
+            what = _label(c.quantity) if c.quantity else r.get("sensor", "")
             agg = "" if r.get("n", 1) <= 1 or c.agg == "latest" else f" ({c.agg} of {r['n']} readings)"
             text = f"The {what}{where} is {_fmt(float(r['value']))} {r.get('unit', '')}{agg}.".replace(" .", ".")
             return Answer(text, float(r["value"]), None, [], 0.95, text)
@@ -78,11 +83,12 @@ def compose(c: Classification, results: Mapping[str, Any], question: str) -> Ans
             r, rule = results["reading"], results["rule"]
             value = float(r["value"])
             decision = judge(value, rule)
-            what = (c.quantity or "").replace("_", " ")
+            what = _label(c.quantity)
             where = f" at {place}" if c.place else ""
-            verdict = {"above": "above", "below": "below", "within": "within"}[decision]
-            text = (f"The {what}{where} is {_fmt(value)} {r.get('unit', '')}, {verdict} the limit of {_rule_text(rule)}"
+            kind = "range" if rule.get("kind") == "range" else "limit"
+            text = (f"The {what}{where} is {_fmt(value)} {r.get('unit', '')}, {decision} the {kind} of {_rule_text(rule)}"
                     f" ({rule.get('source', 'knowledge base')}).")  # fmt: skip
+
             return Answer(text, value, decision, [str(rule.get("source", ""))], 0.95, text)
         case Intent.AREA_READING:
             rows = [(a, float(r["value"])) for a, r in results["readings"]]
@@ -91,7 +97,7 @@ def compose(c: Classification, results: Mapping[str, Any], question: str) -> Ans
             value = max(values) if agg == "max" else min(values) if agg == "min" else statistics.fmean(values)
             unit = results["readings"][0][1].get("unit", "")
             per = ", ".join(f"{a}: {_fmt(v)}" for a, v in sorted(rows))
-            text = f"The {agg} {(c.quantity or '').replace('_', ' ')} across {len(rows)} stations is {_fmt(value)} {unit} ({per})."
+            text = f"The {agg} {_label(c.quantity)} across {len(rows)} stations is {_fmt(value)} {unit} ({per})."
             return Answer(text, value, None, [], 0.95 if len(rows) > 1 else 0.6, text)
         case Intent.VITALS_SUMMARY:
             parts, flags = [], []
@@ -101,9 +107,9 @@ def compose(c: Classification, results: Mapping[str, Any], question: str) -> Ans
                     continue
                 rule = results.get(f"rule:{v}")
                 d = judge(float(r["value"]), rule) if rule else "within"
-                parts.append(f"{v.replace('_', ' ')} {_fmt(float(r['value']))} {r.get('unit', '')}".strip())
+                parts.append(f"{_label(v)} {_fmt(float(r['value']))} {r.get('unit', '')}".strip())
                 if d != "within":
-                    flags.append(f"{v.replace('_', ' ')} is {d} the guideline range")
+                    flags.append(f"{_label(v)} is {d} the guideline range")
             decision = "attention" if flags else "normal"
             facts = (
                 "Vitals: "

@@ -174,10 +174,8 @@ class Engine:
             results = await self._execute(run, plan)
         except StepFailed as exc:
             return TaskOutcome("failed", None, "cloud", run.c, self._describe(plan), reason=f"cloud failed: {exc}")
-        answer = compose(run.c, results, run.spec.question) if "cloud" in results else None
-        if answer is None:  # structured intents answered by the cloud: take its text
-            answer = Answer(str(results["cloud"].get("text", "")))
-        answer = Answer(str(results["cloud"].get("text", "")) or answer.text, confidence=0.95)
+        # whatever the intent, a cloud answer is the model's text (no structured value to trust)
+        answer = Answer(str(results["cloud"].get("text", "")).strip() or "(empty answer)", confidence=0.95)
         return TaskOutcome("done", answer, "cloud", run.c, self._describe(plan), reason=reason)
 
     def _describe(self, plan: Plan) -> dict[str, Any]:

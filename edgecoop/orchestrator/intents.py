@@ -51,6 +51,7 @@ class Quantity:
     words: tuple[str, ...]
     #: key of the limit rule in the knowledge base, for checks against limits
     rule: str = ""
+    label: str = ""
 
 
 #: Measurable quantities, their sensor modality and the words people use for them.
@@ -61,15 +62,29 @@ QUANTITIES: dict[str, Quantity] = {
         "air",
         ("pm2.5", "pm25", "pm 2.5", "fine particles", "fine dust", "particulate"),
         "pm25_daily_limit",
+        label="PM2.5",
     ),
-    "no2": Quantity("no2", "µg/m³", "air", ("no2", "nitrogen dioxide", "nitrogen"), "no2_daily_limit"),
+    "no2": Quantity("no2", "µg/m³", "air", ("no2", "nitrogen dioxide", "nitrogen"), "no2_daily_limit", label="NO2"),
     "traffic_flow": Quantity(
-        "traffic_flow", "vehicles/min", "traffic", ("traffic flow", "flow of traffic", "vehicles per minute")
+        "traffic_flow",
+        "vehicles/min",
+        "traffic",
+        ("traffic flow", "flow of traffic", "vehicles per minute"),
+        label="traffic flow",
     ),
-    "bus_occupancy": Quantity("bus_occupancy", "%", "transit", ("occupancy", "crowded", "full", "passengers", "seats")),
+    "bus_occupancy": Quantity(
+        "bus_occupancy", "%", "transit", ("occupancy", "crowded", "full", "passengers", "seats"), label="bus occupancy"
+    ),
     "heart_rate": Quantity(
-        "heart_rate", "bpm", "health", ("heart rate", "pulse", "heartbeat", "bpm", "heart"), "heart_rate_range"
+        "heart_rate",
+        "bpm",
+        "health",
+        ("heart rate", "pulse", "heartbeat", "bpm", "heart"),
+        "heart_rate_range",
+        label="heart rate",
     ),
-    "spo2": Quantity("spo2", "%", "health", ("spo2", "oxygen", "saturation", "o2"), "spo2_min"),
-    "temperature": Quantity("temperature", "°C", "health", ("temperature", "fever", "temp"), "fever_threshold"),
+    "spo2": Quantity("spo2", "%", "health", ("spo2", "oxygen", "saturation", "o2"), "spo2_min", label="SpO2"),
+    "temperature": Quantity(
+        "temperature", "°C", "health", ("temperature", "fever", "temp"), "fever_threshold", label="body temperature"
+    ),
 }
