@@ -251,3 +251,14 @@ def test_removal_messages_clear_configs_and_mirror():
         t.ha_status("air-07")
     }
     assert all(payload == b"" for _, payload in removal)
+
+
+async def test_real_sensor_handler_mirrors_its_readings_for_home_assistant(make_agent, settings, topics):
+    caps = [{"kind": "sensor", "name": "air", "options": {"sensors": [
+        {"name": "pm25", "modality": "pm25", "unit": "µg/m³", "rate_hz": 20.0, "pattern": "constant", "base": 9.0}]}}]  # fmt: skip
+    async with (
+        Watcher(settings, [topics.ha_state("air-real", "pm25")]) as watcher,
+        make_agent("air-real", home_assistant=True, capabilities=caps),
+    ):
+        await watcher.wait(lambda seen: topics.ha_state("air-real", "pm25") in seen)
+        assert json.loads(watcher.seen[topics.ha_state("air-real", "pm25")][1])["value"] == pytest.approx(9.0, abs=2)

@@ -426,6 +426,10 @@ class SensorHandler(Handler):
             # QoS 0, not retained, and no waiting for a connection: sensor data may be dropped, never queued
             await ctx.conn.publish(topic, payload, qos=0, retain=False, wait=0)
             self.published += 1
+            if ctx.config.home_assistant:
+                from edgecoop.hass import publish_ha_reading
+
+                await publish_ha_reading(ctx.conn, ctx.topics, reading)
         except EdgecoopError as exc:
             self.dropped += 1
             log.debug("%s: reading on %s dropped: %s", ctx.agent_id, topic, exc)
