@@ -7,6 +7,7 @@ from the event loop. Writes are batched: ``ingest()`` applies many card/status u
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -20,7 +21,17 @@ import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
 from edgecoop.cms.discovery import DiscoveryQuery, Match, Ranker, fts_query
-from edgecoop.messages import CapabilityCard, Status
+from edgecoop.messages import (
+    CapabilityCard,
+    CapabilityInfo,
+    Hardware,
+    Load,
+    Location,
+    ModelInfo,
+    SensorInfo,
+    Status,
+)
+from edgecoop.wire import WIRE_VERSION
 
 __all__ = ["CmsStore", "IngestResult", "Update"]
 
@@ -51,6 +62,65 @@ def m001_initial(db: sqlite_utils.Database) -> None:
         CREATE INDEX domains_domain ON domains(domain);
         CREATE VIRTUAL TABLE agents_fts USING fts5(agent_id UNINDEXED, body, tokenize='porter unicode61');
         """
+    )
+
+
+@migrations()
+def m002_discovery_speedups(db: sqlite_utils.Database) -> None:
+    """Discovery at 10,000 agents in milliseconds, and an ingest that stays linear.
+
+    * A card's full-text row shares its ``agents`` rowid: updates delete it by rowid (``agent_id`` is
+      UNINDEXED in the FTS table, so deleting by it scanned every row: O(n^2) for a late joiner).
+    * The discovery filters are copied onto the agent's own row (``online`` from its status, and the
+      delimited sets of capability kinds/names/cooperations, sensor modalities and domains), so checking a
+      full-text candidate costs a column read instead of one correlated subquery per filter.
+    * ``agents(load_queue, agent_id)``: discovery without a need walks this index and stops at the limit.
+    """
+    for column in ("kinds", "cap_names", "cooperations", "modalities", "domain_set"):
+        db.execute(f"ALTER TABLE agents ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE agents ADD COLUMN online INTEGER NOT NULL DEFAULT 0")
+    db.execute(
+        "UPDATE agents SET online = coalesce((SELECT s.online FROM status s WHERE s.agent_id = agents.agent_id), 0)"
+    )
+    rows = db.execute("SELECT rowid, agent_id, card FROM agents").fetchall()
+    db.execute("DELETE FROM agents_fts")
+    for rowid, agent_id, card_json in rows:
+        card = CapabilityCard.from_dict(json.loads(card_json))
+        db.execute(
+            "UPDATE agents SET kinds = ?, cap_names = ?, cooperations = ?, modalities = ?, domain_set = ? "
+            "WHERE rowid = ?",
+            (*_filter_sets(card), rowid),
+        )
+        db.execute("INSERT INTO agents_fts (rowid, agent_id, body) VALUES (?, ?, ?)", (rowid, agent_id, card.text()))
+    db.execute("CREATE INDEX agents_load ON agents(load_queue, agent_id)")
+
+
+_AGENT_COLUMNS = (
+    "agent_id, epoch, site, description, privacy, location_name, lat, lon, cpu, cores, ram_mb, accelerator, "
+    "cost_per_call, latency_ms, load_queue, load_busy, load_inflight, max_tokens_per_s, card, updated, "
+    "kinds, cap_names, cooperations, modalities, domain_set, online"
+)
+_INSERT_AGENT = f"INSERT INTO agents ({_AGENT_COLUMNS}) VALUES ({','.join('?' * (_AGENT_COLUMNS.count(',') + 1))})"
+_SEP = "\x1f"
+
+
+def _member(value: str) -> str:
+    """One set member as stored between separators; the escaping keeps the separator out of any value."""
+    return _SEP + value.replace("%", "%25").replace(_SEP, "%1F") + _SEP
+
+
+def _set(values: Iterable[str]) -> str:
+    """A delimited set: ``instr(column, _member(v)) > 0`` exactly when ``v`` is in it."""
+    return "".join(_member(v) for v in dict.fromkeys(values))
+
+
+def _filter_sets(c: CapabilityCard) -> tuple[str, str, str, str, str]:
+    return (
+        _set(k.kind for k in c.capabilities),
+        _set(k.name for k in c.capabilities),
+        _set(k.cooperation for k in c.capabilities),
+        _set(s.modality for s in c.sensors),
+        _set(c.domains),
     )
 
 
@@ -116,6 +186,7 @@ class CmsStore:
                     ok = True
                 elif u.delete_status:
                     conn.execute("DELETE FROM status WHERE agent_id = ?", (u.agent_id,))
+                    conn.execute("UPDATE agents SET online = 0 WHERE agent_id = ?", (u.agent_id,))
                     ok = True
                 else:
                     ok = False
@@ -130,18 +201,21 @@ class CmsStore:
         return IngestResult(applied, fenced)
 
     def _put_card(self, conn: sqlite3.Connection, card: CapabilityCard, now: float) -> bool:
-        row = conn.execute("SELECT epoch FROM agents WHERE agent_id = ?", (card.agent_id,)).fetchone()
+        row = conn.execute("SELECT epoch, rowid FROM agents WHERE agent_id = ?", (card.agent_id,)).fetchone()
         if row is not None and row[0] > card.epoch:
             return False  # a card from an older connection (frozen process resumed): never overrides
-        self._delete_card(conn, card.agent_id)
+        if row is not None:
+            self._delete_card(conn, card.agent_id, row[1])
         c = card
-        conn.execute(
-            "INSERT INTO agents VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        st = conn.execute("SELECT online FROM status WHERE agent_id = ?", (c.agent_id,)).fetchone()
+        cur = conn.execute(
+            _INSERT_AGENT,
             (
                 c.agent_id, c.epoch, c.site, c.description, c.privacy, c.location.name, c.location.lat,
                 c.location.lon, c.hardware.cpu, c.hardware.cores, c.hardware.ram_mb, c.hardware.accelerator,
                 c.cost_per_call, c.latency_ms, c.load.queue, int(c.load.busy), c.load.inflight,
-                max((m.tokens_per_s for m in c.models), default=0.0), json.dumps(c.to_dict()), now,
+                max((m.tokens_per_s for m in c.models), default=0.0), json.dumps(_card_dict(c)), now,
+                *_filter_sets(c), int(bool(st and st[0])),
             ),
         )  # fmt: skip
         conn.executemany(
@@ -153,11 +227,19 @@ class CmsStore:
             [(c.agent_id, s.name, s.modality, s.unit, s.rate_hz) for s in c.sensors],
         )
         conn.executemany("INSERT OR IGNORE INTO domains VALUES (?,?)", [(c.agent_id, d) for d in c.domains])
-        conn.execute("INSERT INTO agents_fts (agent_id, body) VALUES (?, ?)", (c.agent_id, c.text()))
+        conn.execute(
+            "INSERT INTO agents_fts (rowid, agent_id, body) VALUES (?, ?, ?)", (cur.lastrowid, c.agent_id, c.text())
+        )
         return True
 
-    def _delete_card(self, conn: sqlite3.Connection, agent_id: str) -> None:
-        for table in ("agents", "capabilities", "sensors", "domains", "agents_fts"):
+    def _delete_card(self, conn: sqlite3.Connection, agent_id: str, rowid: int | None = None) -> None:
+        if rowid is None:
+            row = conn.execute("SELECT rowid FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
+            if row is None:
+                return
+            rowid = int(row[0])
+        conn.execute("DELETE FROM agents_fts WHERE rowid = ?", (rowid,))
+        for table in ("agents", "capabilities", "sensors", "domains"):
             conn.execute(f"DELETE FROM {table} WHERE agent_id = ?", (agent_id,))
 
     def _put_status(self, conn: sqlite3.Connection, st: Status, now: float) -> bool:
@@ -170,6 +252,7 @@ class CmsStore:
             if cur is not None and not cur[0]:
                 return False
         conn.execute("INSERT OR REPLACE INTO status VALUES (?,?,?,?)", (st.agent_id, int(st.online), st.epoch, now))
+        conn.execute("UPDATE agents SET online = ? WHERE agent_id = ?", (int(st.online), st.agent_id))
         return True
 
     # -- reads ------------------------------------------------------------------------------------------
@@ -204,56 +287,33 @@ class CmsStore:
         return out
 
     def discover(self, q: DiscoveryQuery) -> list[Match]:
-        """Structured filters in SQL, then semantic ranking of ``q.need`` (FTS5 BM25, or the embedding ranker)."""
+        """Structured filters in SQL, then semantic ranking of ``q.need`` (FTS5 BM25, or the embedding ranker).
+
+        Every filter is a column of the agent's own row (see m002), so a full-text candidate is checked
+        without subqueries and bm25() is computed only for candidates that pass; only the top ``limit``
+        carry their card JSON out of the sort. Without a need, agents are walked in (load_queue, agent_id)
+        index order and the walk stops at ``limit``.
+        """
         self._check_thread()
-        where, args = ["1=1"], []
-        if q.online_only:
-            where.append("a.agent_id IN (SELECT agent_id FROM status WHERE online = 1)")
-        if q.kind:
-            where.append("a.agent_id IN (SELECT agent_id FROM capabilities WHERE kind = ?)")
-            args.append(q.kind)
-        if q.capability:
-            where.append("a.agent_id IN (SELECT agent_id FROM capabilities WHERE name = ?)")
-            args.append(q.capability)
-        if q.cooperation:
-            where.append("a.agent_id IN (SELECT agent_id FROM capabilities WHERE cooperation = ?)")
-            args.append(q.cooperation)
-        if q.modality:
-            where.append("a.agent_id IN (SELECT agent_id FROM sensors WHERE modality = ?)")
-            args.append(q.modality)
-        if q.domain:
-            where.append("a.agent_id IN (SELECT agent_id FROM domains WHERE domain = ?)")
-            args.append(q.domain)
-        if q.site:
-            where.append("a.site = ?")
-            args.append(q.site)
-        if q.min_ram_mb:
-            where.append("a.ram_mb >= ?")
-            args.append(q.min_ram_mb)
-        if q.accelerator:
-            where.append("a.accelerator = ?")
-            args.append(q.accelerator)
-        if q.max_queue is not None:
-            where.append("a.load_queue <= ?")
-            args.append(q.max_queue)
-        if q.privacy:
-            where.append("a.privacy = ?")
-            args.append(q.privacy)
-        if q.exclude:
-            where.append(f"a.agent_id NOT IN ({','.join('?' * len(q.exclude))})")
-            args.extend(q.exclude)
-        cond = " AND ".join(where)
         match = fts_query(q.need) if q.need else ""
-        if match and self.ranker is None:
+        ranked = bool(match) and self.ranker is None
+        where, args = _filters(q)
+        cond = " AND ".join(where)
+        if ranked:
+            # the inner query sorts (rowid, score, load_queue) only; the outer one fetches the winners' cards
             sql = (
-                "SELECT a.agent_id, a.card, bm25(agents_fts) AS score FROM agents_fts f "
-                f"JOIN agents a ON a.agent_id = f.agent_id WHERE agents_fts MATCH ? AND {cond} "
-                "ORDER BY score, a.load_queue LIMIT ?"
+                "SELECT a.agent_id, a.card, t.score FROM ("
+                "SELECT f.rowid AS rid, bm25(agents_fts) AS score, a.load_queue AS lq, a.agent_id AS aid "
+                f"FROM agents_fts f JOIN agents a ON a.rowid = f.rowid WHERE agents_fts MATCH ? AND {cond} "
+                "ORDER BY score, lq, aid LIMIT ?) t JOIN agents a ON a.rowid = t.rid ORDER BY t.score, t.lq, t.aid"
             )
             rows = self.db.execute(sql, [match, *args, q.limit]).fetchall()
             # bm25() is "smaller is better" and negative; report a positive relevance
             return [Match(r[0], -float(r[2]), json.loads(r[1])) for r in rows]
         sql = f"SELECT a.agent_id, a.card, a.load_queue FROM agents a WHERE {cond} ORDER BY a.load_queue, a.agent_id"
+        if not (q.need and self.ranker is not None) and q.limit >= 0:
+            sql += " LIMIT ?"
+            args.append(q.limit)
         rows = self.db.execute(sql, args).fetchall()
         if q.need and self.ranker is not None:
             scored = self.ranker.rank(q.need, [(r[0], _card_text(r[1])) for r in rows])
@@ -265,5 +325,84 @@ class CmsStore:
         return str(self.db.execute("PRAGMA integrity_check").fetchone()[0]) == "ok"
 
 
+#: query field -> the agents column holding that set (see _set)
+_SET_FILTERS = (
+    ("kind", "kinds"),
+    ("capability", "cap_names"),
+    ("cooperation", "cooperations"),
+    ("modality", "modalities"),
+    ("domain", "domain_set"),
+)
+
+
+def _filters(q: DiscoveryQuery) -> tuple[list[str], list[Any]]:
+    """WHERE terms over ``agents a`` (columns of the agent's own row only) and their arguments."""
+    where: list[str] = ["1=1"]
+    args: list[Any] = []
+    if q.online_only:
+        where.append("a.online = 1")
+    for field_name, column in _SET_FILTERS:
+        value = getattr(q, field_name)
+        if value:
+            where.append(f"instr(a.{column}, ?) > 0")
+            args.append(_member(value))
+    if q.site:
+        where.append("a.site = ?")
+        args.append(q.site)
+    if q.min_ram_mb:
+        where.append("a.ram_mb >= ?")
+        args.append(q.min_ram_mb)
+    if q.accelerator:
+        where.append("a.accelerator = ?")
+        args.append(q.accelerator)
+    if q.max_queue is not None:
+        where.append("a.load_queue <= ?")
+        args.append(q.max_queue)
+    if q.privacy:
+        where.append("a.privacy = ?")
+        args.append(q.privacy)
+    if q.exclude:
+        where.append(f"a.agent_id NOT IN ({','.join('?' * len(q.exclude))})")
+        args.extend(q.exclude)
+    return where, args
+
+
 def _card_text(card_json: str) -> str:
     return CapabilityCard.from_dict(json.loads(card_json)).text()
+
+
+def _record(obj: Any) -> dict[str, Any]:
+    """``dataclasses.asdict`` of a dataclass whose fields are all scalars, without its recursive deep copy."""
+    return {name: getattr(obj, name) for name in obj.__dataclass_fields__}
+
+
+def _fast_card_dict(c: CapabilityCard) -> dict[str, Any]:
+    """``c.to_dict()`` at a fraction of the cost: a late joiner stores 10,000 of them (see _card_dict)."""
+    return {
+        "v": WIRE_VERSION, "type": "card", "agent_id": c.agent_id, "epoch": c.epoch, "site": c.site,
+        "description": c.description, "location": _record(c.location), "hardware": _record(c.hardware),
+        "models": [_record(m) for m in c.models], "sensors": [_record(s) for s in c.sensors],
+        "domains": list(c.domains),
+        "capabilities": [{**_record(k), "tags": list(k.tags)} for k in c.capabilities],
+        "cost": {"per_call": c.cost_per_call, "latency_ms": c.latency_ms}, "privacy": c.privacy,
+        "load": _record(c.load), "ts": c.ts,
+    }  # fmt: skip
+
+
+def _choose_card_dict() -> Any:
+    """Use the fast copy only while it still equals ``CapabilityCard.to_dict`` (the schema may grow)."""
+    sample = CapabilityCard(
+        agent_id="probe", epoch=3, site="s", description="d", location=Location("l", 1.5, 2.5),
+        hardware=Hardware("cpu", 4, 2048, "gpu"), models=(ModelInfo("m", "1B", "q4", 512, 9.5),),
+        sensors=(SensorInfo("t", "temperature", "C", 1.0),), domains=("x", "y"),
+        capabilities=(CapabilityInfo("c", "echo", "e", ("t1", "t2"), "data"),), cost_per_call=0.5,
+        latency_ms=7.0, privacy="site", load=Load(2, True, 1), ts=1.25,
+    )  # fmt: skip
+    expected = sample.to_dict()
+    if _fast_card_dict(sample) == expected and json.dumps(_fast_card_dict(sample)) == json.dumps(expected):
+        return _fast_card_dict
+    logging.getLogger(__name__).warning("CapabilityCard.to_dict changed; the CMS store uses it directly")
+    return CapabilityCard.to_dict
+
+
+_card_dict = _choose_card_dict()

@@ -67,17 +67,29 @@ def _reject_constant(name: str) -> Any:
     raise WireError(f"JSON constant {name} is not allowed")
 
 
+#: exact types that need no look inside (what decoders produce for everything but maps, arrays and floats)
+_LEAVES = frozenset({str, int, bool, bytes, type(None)})
+
+
 def _check(value: Any, depth: int = 0) -> None:
-    """Reject non-string keys, non-finite floats and nesting deeper than MAX_DEPTH."""
+    """Reject non-string keys, non-finite floats and nesting deeper than MAX_DEPTH.
+
+    Depth first, in order (the first problem found is the one reported); leaves are checked inline, which
+    keeps a 700-byte card at a few microseconds instead of one call per value.
+    """
     if depth > MAX_DEPTH:
         raise WireError(f"payload nests deeper than {MAX_DEPTH} levels")
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise WireError(f"map key {key!r} is not a string")
+            if type(item) in _LEAVES and depth < MAX_DEPTH:
+                continue
             _check(item, depth + 1)
     elif isinstance(value, list):
         for item in value:
+            if type(item) in _LEAVES and depth < MAX_DEPTH:
+                continue
             _check(item, depth + 1)
     elif isinstance(value, float) and not math.isfinite(value):
         raise WireError("non-finite float in payload")
