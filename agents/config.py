@@ -126,23 +126,23 @@ def config_from_dict(data: dict[str, Any], *, source: Path | None = None, **over
     base = source.parent if source else None
     hw = a.get("hardware")
     state_dir = a.get("state_dir")
-    kwargs: dict[str, Any] = dict(
-        agent_id=a["id"],
-        broker=broker_from_table(data.get("broker", {}), base),
-        prefix=str(data.get("broker", {}).get("prefix", DEFAULT_PREFIX)),
-        site=str(a.get("site", "default")),
-        description=str(a.get("description", "")),
-        privacy=str(a.get("privacy", "public")),
-        domains=tuple(str(d) for d in a.get("domains", ())),
-        location=Location(**a["location"]) if "location" in a else Location(),
-        hardware=Hardware(**hw) if hw else None,
-        cost_per_call=float(a.get("cost_per_call", 0.0)),
-        latency_ms=float(a.get("latency_ms", 0.0)),
-        capabilities=_caps(data.get("capabilities", [])),
-        state_dir=Path(state_dir) if state_dir else None,
-        home_assistant=bool(a.get("home_assistant", False)),
-        source=source,
-    )
+    kwargs: dict[str, Any] = {
+        "agent_id": a["id"],
+        "broker": broker_from_table(data.get("broker", {}), base),
+        "prefix": str(data.get("broker", {}).get("prefix", DEFAULT_PREFIX)),
+        "site": str(a.get("site", "default")),
+        "description": str(a.get("description", "")),
+        "privacy": str(a.get("privacy", "public")),
+        "domains": tuple(str(d) for d in a.get("domains", ())),
+        "location": Location(**a["location"]) if "location" in a else Location(),
+        "hardware": Hardware(**hw) if hw else None,
+        "cost_per_call": float(a.get("cost_per_call", 0.0)),
+        "latency_ms": float(a.get("latency_ms", 0.0)),
+        "capabilities": _caps(data.get("capabilities", [])),
+        "state_dir": Path(state_dir) if state_dir else None,
+        "home_assistant": bool(a.get("home_assistant", False)),
+        "source": source,
+    }
     kwargs.update(overrides)
     return AgentConfig(**kwargs)
 

@@ -22,7 +22,7 @@ def _pct(values: list[float], p: float) -> float:
     if not values:
         return 0.0
     s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 async def run(*, quick: bool = False, strategies: list[str] | None = None, concurrency: int = 4,
@@ -96,13 +96,27 @@ async def run(*, quick: bool = False, strategies: list[str] | None = None, concu
                         "cloud_bytes": sum(r.get("cloud_bytes", 0) for _, r in pairs),
                         "failed": sum(1 for _, r in pairs if r["state"] != "done"),
                         "wall_s": round(wall, 1),
+                        "incorrect": [
+                            {
+                                "id": t.id,
+                                "question": t.question,
+                                "tier": r["tier"],
+                                "answer": str(r.get("answer"))[:160],
+                            }
+                            for t, r in pairs
+                            if not score(t, r)
+                        ],
                     }
         finally:
+            # a reconnect during the run means a status flap (offline, then online) that tasks may have seen
+            out["agent_reconnects"] = {
+                a.agent_id: a.conn.counters.connects - 1 for a in agents if a.conn.counters.connects > 1
+            }
             for a in agents:
                 await a.__aexit__(None, None, None)
     base = out["strategies"].get("cloud-only")
     if base:
-        for name, s in out["strategies"].items():
+        for s in out["strategies"].values():
             s["cloud_calls_saved_vs_cloud_only"] = (
                 round(1 - s["cloud_calls"] / base["cloud_calls"], 4) if base["cloud_calls"] else 0.0
             )

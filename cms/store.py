@@ -309,7 +309,14 @@ class CmsStore:
             )
             rows = self.db.execute(sql, [match, *args, q.limit]).fetchall()
             # bm25() is "smaller is better" and negative; report a positive relevance
-            return [Match(r[0], -float(r[2]), json.loads(r[1])) for r in rows]
+            matches = [Match(r[0], -float(r[2]), json.loads(r[1])) for r in rows]
+            if len(matches) >= q.limit:
+                return matches
+            # The need ranks, it does not filter: agents that pass the structured filters but share no word with
+            # the need ("my pulse" vs a card saying "heart rate") follow the ranked ones, by load.
+            seen = {m.agent_id for m in matches}
+            rest = self.discover(DiscoveryQuery(**{**_query_fields(q), "need": "", "limit": q.limit + len(seen)}))
+            return matches + [m for m in rest if m.agent_id not in seen][: q.limit - len(matches)]
         sql = f"SELECT a.agent_id, a.card, a.load_queue FROM agents a WHERE {cond} ORDER BY a.load_queue, a.agent_id"
         if not (q.need and self.ranker is not None) and q.limit >= 0:
             sql += " LIMIT ?"
@@ -365,6 +372,10 @@ def _filters(q: DiscoveryQuery) -> tuple[list[str], list[Any]]:
         where.append(f"a.agent_id NOT IN ({','.join('?' * len(q.exclude))})")
         args.extend(q.exclude)
     return where, args
+
+
+def _query_fields(q: DiscoveryQuery) -> dict[str, Any]:
+    return {f: getattr(q, f) for f in q.__dataclass_fields__}
 
 
 def _card_text(card_json: str) -> str:

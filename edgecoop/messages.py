@@ -95,7 +95,7 @@ class Location:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Location:
         w = "location"
-        return cls(_opt(d, "name", str, "", w), _opt(d, "lat", float, None, w), _opt(d, "lon", float, None, w))  # type: ignore[arg-type]
+        return cls(_opt(d, "name", str, "", w), _opt(d, "lat", float, None, w), _opt(d, "lon", float, None, w))
 
 
 @dataclass(frozen=True, slots=True)

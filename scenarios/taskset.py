@@ -66,12 +66,11 @@ def score(task: LabelledTask, result: Mapping[str, Any]) -> bool:
     if kind in ("count", "reading", "area"):
         return value is not None and abs(float(value) - float(e["value"])) <= float(e["tol"])
     if kind in ("decision", "check", "vitals"):
-        return decision == e["decision"]
+        return bool(decision == e["decision"])
     if kind == "doc":
         text = str(result.get("answer", "")).lower()
-        return e["doc"] in [str(s) for s in result.get("sources", [])][:3] or any(
-            k in text for k in e.get("keywords", ())
-        )
+        docs = [Path(str(s)).stem for s in result.get("sources", [])][:3]
+        return e["doc"] in docs or any(k in text for k in e.get("keywords", ()))
     if kind == "intent-only":
         raise ValueError("hold-out task without a checkable answer: classifier accuracy only")
     if kind == "open":
@@ -248,7 +247,7 @@ def _generate() -> Iterator[LabelledTask]:
         "Is the air at {p} safe regarding {q}?",
         "Does {q} at {p} exceed the WHO guideline?",
     ]
-    for aid, cfg in stations.items():
+    for cfg in stations.values():
         place = cfg["agent"]["location"]["name"]
         for mod in ("pm25", "no2"):
             s = _sensor(cfg, mod)
@@ -324,8 +323,8 @@ def _generate() -> Iterator[LabelledTask]:
             "Tell me my latest {v}.",
             "What was my average {v} over the last 5 minutes?",
         ]:
-            v = words[len(t) % 2]
-            yield task("health", t.format(v=v), "reading", "edge", "private", ("data",),
+            word = words[len(t) % 2]
+            yield task("health", t.format(v=word), "reading", "edge", "private", ("data",),
                        {"kind": "reading", "value": s["base"], "tol": _tol(s), "reference": f"{s['base']}"})  # fmt: skip
         d = _judge(float(s["base"]), hlimits[mod])
         for t in ["Is my {v} normal?", "Is my {v} within the guideline range?", "Is my {v} too high or too low?",
@@ -364,7 +363,7 @@ def _generate() -> Iterator[LabelledTask]:
     for q in _PRIVATE_OPEN:
         yield task("health", q, "open", "refuse", "private", ("computation",), {"kind": "refuse"})
     # -- hold-out: hand-written phrasings, kept out of rule tuning
-    hold = [
+    hold: list[tuple[str, str, str, int | None]] = [
         ("urban", "cars at the harbour gate camera, how many?", "count_vehicles", cams["cam-harbour"][1]),
         ("urban", "Any congestion at Old Town Square that would force a bus diversion?", "congestion", None),
         ("urban", "pm2.5 reading city park", "reading", None),
@@ -378,12 +377,12 @@ def _generate() -> Iterator[LabelledTask]:
         ("health", "Could my headache be a brain tumour?", "open", None),
         ("health", "Do I have a fever right now?", "reading_check", None),
     ]
-    for scenario, q, intent, truth in hold:
+    for scenario, q, intent, held_truth in hold:
         private = scenario == "health"
         route = ("refuse" if private else "cloud") if intent == "open" else "edge"
         expect: dict[str, Any] = {"kind": "intent-only"}
         if intent == "count_vehicles":
-            expect = {"kind": "count", "value": truth, "tol": 1, "reference": f"{truth} vehicles"}
+            expect = {"kind": "count", "value": held_truth, "tol": 1, "reference": f"{held_truth} vehicles"}
         from edgecoop.orchestrator.intents import INTENTS, Intent
 
         coop = INTENTS[Intent(intent)].cooperation
@@ -394,7 +393,7 @@ def _generate() -> Iterator[LabelledTask]:
 def main() -> None:
     tasks = list(_generate())
     TASKS_FILE.write_text("".join(t.to_json() + "\n" for t in tasks))
-    by = {}
+    by: dict[tuple[str, str], int] = {}
     for t in tasks:
         by[(t.scenario, t.route)] = by.get((t.scenario, t.route), 0) + 1
     print(f"wrote {len(tasks)} tasks to {TASKS_FILE}: {by}")

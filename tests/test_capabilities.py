@@ -120,6 +120,9 @@ async def test_discovery_ranks_need_against_card_text(make_agent, settings, topi
             assert best[0].agent_id == "kb-city"
             none = await mirror.discover(DiscoveryQuery(need="x"))  # no usable terms: filters only
             assert len(none) == 3
+            # the need ranks but never filters: no shared word still leaves every candidate, ranked ones first
+            ranked = await mirror.discover(DiscoveryQuery(need="zebra crossing camera"))
+            assert ranked[0].agent_id == "cam-station" and len(ranked) == 3
     finally:
         for a in agents:
             await a.__aexit__(None, None, None)

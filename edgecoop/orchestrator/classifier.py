@@ -232,7 +232,8 @@ class SlmClassifier:
 
     def __init__(self, model_path: str, *, n_threads: int = 2) -> None:
         try:
-            from llama_cpp import Llama, LlamaGrammar
+            from llama_cpp import Llama
+            from llama_cpp.llama_grammar import LlamaGrammar
         except ImportError as exc:
             from edgecoop.errors import DependencyMissing
 
@@ -242,9 +243,7 @@ class SlmClassifier:
         self._grammar = LlamaGrammar.from_string(f"root ::= {labels}", verbose=False)
         self._rules = RuleClassifier()
         menu = "; ".join(f"{i.value} = {h}" for i, h in _INTENT_HELP.items())
-        self._prefix: list[dict[str, str]] = [
-            {"role": "system", "content": f"Label each request with one label. {menu}."}
-        ]
+        self._prefix: list[Any] = [{"role": "system", "content": f"Label each request with one label. {menu}."}]
         for q, label in _SHOTS:
             self._prefix += [{"role": "user", "content": q}, {"role": "assistant", "content": label.value}]
 
