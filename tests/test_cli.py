@@ -12,8 +12,8 @@ from edgecoop.cli import _orchestrator_settings, build_parser, main
 
 
 def _subparsers(parser: argparse.ArgumentParser):
-    for action in parser._actions:  # noqa: SLF001 - walking argparse's tree is the only way to list them
-        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
                 yield name, sub
                 yield from ((f"{name} {n}", s) for n, s in _subparsers(sub))
@@ -26,8 +26,8 @@ def test_every_subcommand_has_help_and_description():
             "dashboard"} <= set(subs)  # fmt: skip
     for name, sub in subs.items():
         assert sub.description, f"`edgecoop {name}` has no description"
-        for action in sub._actions:  # noqa: SLF001
-            if action.dest != "help" and not isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+        for action in sub._actions:
+            if action.dest != "help" and not isinstance(action, argparse._SubParsersAction):
                 assert action.help, f"`edgecoop {name}`: option {action.dest} has no help"
 
 

@@ -28,7 +28,9 @@ def _traffic_agents(settings, topics, ids=TRAFFIC):
     kb = load_scenario("urban", settings, prefix=topics.prefix, include={"kb-city"})[0]
     import dataclasses
 
-    agents.append(Agent(dataclasses.replace(kb, capabilities=tuple(c for c in kb.capabilities if c.kind == "rulebook"))))
+    agents.append(
+        Agent(dataclasses.replace(kb, capabilities=tuple(c for c in kb.capabilities if c.kind == "rulebook")))
+    )
     return agents
 
 
@@ -122,7 +124,11 @@ async def test_agent_death_mid_task_is_redispatched(settings, topics):
         vision = [t for t in r["trace"] if t["step"] == "vision"]
         assert [(t["agent"], t["ok"]) for t in vision] == [("vision-a", False), ("vision-b", True)]
         assert "offline" in vision[0]["error"]
-        assert r["state"] == "done" and abs(r["value"] - synthetic_scene(7, n_vehicles=5, frames=600, width=640, height=480).truth.vehicles) <= 1
+        assert (
+            r["state"] == "done"
+            and abs(r["value"] - synthetic_scene(7, n_vehicles=5, frames=600, width=640, height=480).truth.vehicles)
+            <= 1
+        )
     finally:
         proc.kill()
         proc.wait()
@@ -138,7 +144,13 @@ async def test_no_agent_means_a_failed_task_with_a_reason(settings, topics):
 
 async def test_bad_submissions_get_error_replies(settings, topics, broker):
     async with Orchestrator(settings, topics=topics) as orch:
-        for body in [b"{}", b'{"question": ""}', b'{"question": "x", "strategy": "fastest"}', b"\xc1", b'{"question": 5}']:
+        for body in [
+            b"{}",
+            b'{"question": ""}',
+            b'{"question": "x", "strategy": "fastest"}',
+            b"\xc1",
+            b'{"question": 5}',
+        ]:
             out = await _mosquitto_exchange(broker, topics, body)
             reply = json.loads(out)
             assert reply["state"] == "rejected" and reply["error"]["code"] in ("bad_schema", "bad_payload")
@@ -181,7 +193,9 @@ async def test_duplicate_task_id_runs_once(settings, topics):
     try:
         async with Orchestrator(settings, topics=topics) as orch:
             a = await orch.submit("How many vehicles passed the Central Station camera?", task_id="t-1")
-            await orch.accept({"question": "How many vehicles passed the Central Station camera?", "task_id": "t-1"}, None)
+            await orch.accept(
+                {"question": "How many vehicles passed the Central Station camera?", "task_id": "t-1"}, None
+            )
             assert orch.counters["duplicate"] == 1 and orch.counters["accepted"] == 1
             assert (await orch.task("t-1"))["result"]["answer"] == a["answer"]
     finally:
