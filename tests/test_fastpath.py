@@ -228,7 +228,11 @@ def _reference_discover(db, q):
             "SELECT a.agent_id, bm25(agents_fts) AS score, a.load_queue FROM agents_fts f JOIN agents a "
             f"ON a.agent_id = f.agent_id WHERE agents_fts MATCH ? AND {cond} ORDER BY score, a.load_queue"
         )
-        return [(r[0], -r[1], r[2]) for r in db.execute(sql, [match, *args])]
+        ranked = [(r[0], -r[1], r[2]) for r in db.execute(sql, [match, *args])]
+        # the need ranks but does not filter: non-matching candidates follow, by load
+        seen = {r[0] for r in ranked}
+        sql = f"SELECT a.agent_id, 0.0, a.load_queue FROM agents a WHERE {cond} ORDER BY a.load_queue, a.agent_id"
+        return ranked + [r for r in db.execute(sql, args) if r[0] not in seen]
     sql = f"SELECT a.agent_id, 0.0, a.load_queue FROM agents a WHERE {cond} ORDER BY a.load_queue, a.agent_id"
     return list(db.execute(sql, args))
 
