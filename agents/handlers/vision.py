@@ -269,8 +269,9 @@ def detect_people(
 # -- the handler ----------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class _Clip:
-    frames: Callable[[], Iterator[Frame]]
-    truth: dict[str, int] | None
+    """A validated frame source; ``open`` runs on the worker (rendering and decoding are OpenCV/numpy work)."""
+
+    open: Callable[[], tuple[Iterator[Frame], dict[str, int] | None]]
     label: str
 
 
@@ -325,7 +326,7 @@ class VisionHandler(Handler):
                 raise ValueError("image data must be bytes (JPEG or PNG)")
             data = [bytes(b) for b in raw]
             limit = self.max_pixels
-            return _Clip(lambda: (decode_image(b, max_pixels=limit) for b in data), None, "inline")
+            return _Clip(lambda: ((decode_image(b, max_pixels=limit) for b in data), None), "inline")
         source = inp.get("source", self.default_source)
         frames = inp.get("frames")
         if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int) or frames < 1):
@@ -345,17 +346,21 @@ class VisionHandler(Handler):
             spec = SceneSpec.from_dict(scene_in, **extra)
             if spec.frames > self.max_frames:
                 raise ValueError(f"scene.frames={spec.frames} is over this agent's limit of {self.max_frames}")
-            # only vehicle counting needs every vehicle to cross the line within the clip
-            scene = synthetic_scene(strict=op == "count_vehicles", **spec.to_dict())
-            return _Clip(scene.frames, scene.truth.to_dict(), f"synthetic(seed={seed})")
+            strict = op == "count_vehicles"  # only counting needs every vehicle to cross the line in the clip
+
+            def render() -> tuple[Iterator[Frame], dict[str, int] | None]:
+                scene = synthetic_scene(strict=strict, **spec.to_dict())
+                return scene.frames(), scene.truth.to_dict()
+
+            return _Clip(render, f"synthetic(seed={seed})")
         n = int(frames or min(150, self.max_frames))
         if isinstance(source, int) and not isinstance(source, bool):
             if source not in self.cameras:
                 raise CapabilityError(f"camera {source} is not enabled on this agent (options.cameras)")
-            return _Clip(lambda: read_video(source, max_frames=n), None, f"camera:{source}")
+            return _Clip(lambda: (read_video(source, max_frames=n), None), f"camera:{source}")
         if isinstance(source, str):
             path = self._media_path(source)
-            return _Clip(lambda: read_video(path, max_frames=n), None, f"file:{path.name}")
+            return _Clip(lambda: (read_video(path, max_frames=n), None), f"file:{path.name}")
         raise ValueError("source must be 'synthetic', a video file name or a camera index")
 
     def _media_path(self, name: str) -> Path:
@@ -382,31 +387,34 @@ class VisionHandler(Handler):
             raise CapabilityError("vision handler is not started")
         stop = threading.Event()
         try:
-            result = await worker.run(self._process, op, clip, stream, reset, stop)
+            result, truth = await worker.run(self._process, op, clip, stream, reset, stop)
         except _Stopped as exc:  # pragma: no cover - only when cancelled, and then nobody reads this
             raise CapabilityError("cancelled") from exc
         finally:
             stop.set()  # if we were cancelled, the worker stops at the next frame instead of finishing for nobody
         result["op"] = op
-        if clip.truth is not None and self.expose_truth:
+        if truth is not None and self.expose_truth:
             if op == "count_vehicles":
-                result["truth"] = clip.truth["vehicles"]
+                result["truth"] = truth["vehicles"]
             elif op == "detect_pedestrians":
-                result["truth"] = clip.truth["pedestrians"]
+                result["truth"] = truth["pedestrians"]
         result["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 2)
         return result
 
     # -- worker thread only ------------------------------------------------------------------------------
-    def _process(self, op: str, clip: _Clip, stream: str | None, reset: bool, stop: threading.Event) -> dict[str, Any]:
+    def _process(
+        self, op: str, clip: _Clip, stream: str | None, reset: bool, stop: threading.Event
+    ) -> tuple[dict[str, Any], dict[str, int] | None]:
         self.last_thread = threading.current_thread().name
         self.jobs += 1
-        frames = _checked(clip.frames(), stop)
         try:
+            source, truth = clip.open()
+            frames = _checked(source, stop)
             if op == "count_vehicles":
-                return self._count(frames, stream, reset)
+                return self._count(frames, stream, reset), truth
             if op == "detect_pedestrians":
-                return self._pedestrians(list(frames))
-            return _frame_stats(frames)
+                return self._pedestrians(list(frames)), truth
+            return _frame_stats(frames), truth
         except ValueError as exc:
             raise ValueError(f"{clip.label}: {exc}") from exc
 
