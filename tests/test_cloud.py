@@ -107,10 +107,21 @@ async def test_broken_http_is_a_bad_reply_error(make_agent, client):
         url = f"http://127.0.0.1:{listener.getsockname()[1]}"
 
         def serve() -> None:
+            listener.settimeout(10)
             conn, _ = listener.accept()
             with conn:
-                conn.recv(65536)
+                request = b""
+                while b"\r\n\r\n" not in request:  # read the whole request: closing on unread data resets
+                    request += conn.recv(65536)
+                head, _, body = request.partition(b"\r\n\r\n")
+                length = next(
+                    int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")
+                )
+                while len(body) < length:
+                    body += conn.recv(65536)
                 conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{"choices"')
+                conn.shutdown(socket.SHUT_WR)  # a clean end of stream, 490 bytes short of the announced length
+                conn.recv(1)  # until the client hangs up
 
         server = threading.Thread(target=serve, daemon=True)
         server.start()
@@ -118,7 +129,7 @@ async def test_broken_http_is_a_bad_reply_error(make_agent, client):
             with pytest.raises(RemoteError) as exc:
                 await client.req.request("cloud-1", "cloud", {"prompt": "hi"}, timeout=10)
         await asyncio.to_thread(server.join, 5)
-    assert exc.value.code == "upstream_bad_reply"
+    assert exc.value.code == "upstream_bad_reply", exc.value.remote_message
 
 
 async def test_bad_input_gets_error_replies(make_agent, client):
