@@ -15,6 +15,7 @@ import inspect
 import logging
 import random
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -106,6 +107,7 @@ _PLAIN_PROPERTIES = {
     for name, ident, _, multiple in _PROPERTY_ORDER
     if name in ("MessageExpiryInterval", "ContentType", "ResponseTopic", "CorrelationData", "SessionExpiryInterval")
 }
+_READ_SIZE = 65536
 _INT32, _BINARY, _UTF8 = (_P.types.index(t) for t in ("Four Byte Integer", "Binary Data", "UTF-8 Encoded String"))
 _ID_LEN, _ID_INT32 = struct.Struct("!BH"), struct.Struct("!BL")  # every identifier is < 128: a 1-byte VBI
 del _P
@@ -307,6 +309,13 @@ class _DataPath:
         self._acks: dict[int, asyncio.Future[ReasonCode]] = {}
         self._flush_pending = False
         self._writer_fd = -1
+        self._sock: socket.socket | None = None  # set when we do the socket I/O (plain TCP)
+        self._rdata = b""
+        self._rpos = 0
+        self._wbuf = bytearray()
+        self._corked = False
+        self._in_read = False
+        self._may_read = True
         self._aiomqtt_on_publish: Callable[..., None] | None = self.paho.on_publish
         self._aiomqtt_on_socket_close: Callable[..., None] | None = self.paho.on_socket_close
         self.closed = False
@@ -320,6 +329,7 @@ class _DataPath:
         c.on_socket_unregister_write = self._on_unregister_write
         c.on_socket_close = self._on_socket_close
         _FastPaho.install(c)
+        self._install_socket_io()
         # paho pokes a socketpair on every queued packet to wake its own select loop; nobody reads it here
         for name in ("_sockpairR", "_sockpairW"):
             pair = getattr(c, name, None)
@@ -424,13 +434,70 @@ class _DataPath:
                 fut.set_exception(BrokerError(f"{self.client_id}: connection lost before the PUBACK"))
         self._remove_writer()
 
-    # -- writing ------------------------------------------------------------------------------------------
+    # -- socket I/O ---------------------------------------------------------------------------------------
+    # paho reads a packet with three recv() calls (type, length, body) and writes each packet with its own
+    # send(). On plain TCP we read 64 KiB at a time and hand paho its bytes from that buffer, and a flush
+    # writes everything paho has queued with one send(): a PUBACK and a reply leave together, and a late
+    # joiner acknowledges a whole window of retained messages at once.
+    def _install_socket_io(self) -> None:
+        sock = self.paho.socket()
+        if not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket):
+            return  # TLS: paho's own reads and writes
+        self._sock = sock
+        self.paho._sock_recv = self._sock_recv  # type: ignore[method-assign]
+        self.paho._sock_send = self._sock_send  # type: ignore[method-assign]
+        self.loop.remove_reader(sock.fileno())  # aiomqtt's reader calls paho once per readiness event
+        self.loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        data, pos = self._rdata, self._rpos
+        if pos >= len(data):
+            if not self._may_read:
+                # one socket read per readiness event: the loop (and the handlers draining the inbox) runs
+                # between reads, so a broker that keeps sending cannot hold us here
+                raise BlockingIOError
+            self._may_read = False
+            assert self._sock is not None
+            data = self._sock.recv(_READ_SIZE)  # BlockingIOError / OSError: paho handles them as before
+            if not data:
+                return data
+            pos = 0
+        end = pos + bufsize
+        self._rdata, self._rpos = data, end
+        return data[pos:end]
+
+    def _on_readable(self) -> None:
+        c = self.paho
+        self._in_read = self._may_read = True
+        try:
+            c.loop_read()
+            while self._rpos < len(self._rdata) and c._sock is not None:  # buffered: the selector cannot see it
+                c.loop_read()
+        except Exception as exc:  # as aiomqtt does: a broken socket means disconnected
+            self._fail(exc)
+        finally:
+            self._in_read = False
+            self._may_read = True
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        if self._corked or self._wbuf:
+            self._wbuf += buf  # sent by flush(), in order
+            return len(buf)
+        assert self._sock is not None
+        return self._sock.send(buf)
+
     def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         """paho queued a packet: write it soon (publish() writes its own packet at once)."""
-        if threading.get_ident() == self._loop_thread:
-            self._schedule_flush()
-        else:
+        if threading.get_ident() != self._loop_thread:
             self.loop.call_soon_threadsafe(self._schedule_flush)
+        elif not self._flush_pending:
+            self._flush_pending = True
+            if self._in_read:
+                # a PUBACK for what we are reading: let the handlers run first, so that a reply (and more
+                # PUBACKs) leave in the same send()
+                self.loop.call_soon(self.loop.call_soon, self.flush)
+            else:
+                self.loop.call_soon(self.flush)
 
     def _schedule_flush(self) -> None:
         if not self._flush_pending:
@@ -439,22 +506,54 @@ class _DataPath:
 
     def flush(self) -> None:
         self._flush_pending = False
-        if self.paho.want_write():
-            self._write()
-            if self.paho.want_write() and self._writer_fd < 0 and (sock := self.paho.socket()) is not None:
-                # the socket buffer is full: continue when it is writable again
-                self._writer_fd = sock.fileno()
-                self.loop.add_writer(self._writer_fd, self._write)
+        c = self.paho
+        if c.want_write():
+            if self._sock is None:
+                self._loop_write()
+            elif any(p["command"] & 0xF0 == mqtt.DISCONNECT for p in c._out_packet):
+                # paho closes the socket right after writing DISCONNECT: everything must really be sent by then
+                self._send_buffered()
+                if not self._wbuf:
+                    self._loop_write()
+            else:
+                self._corked = True
+                try:
+                    self._loop_write()
+                finally:
+                    self._corked = False
+        self._send_buffered()
+        if (self._wbuf or c.want_write()) and self._writer_fd < 0 and (sock := c.socket()) is not None:
+            # the socket buffer is full: continue when it is writable again
+            self._writer_fd = sock.fileno()
+            self.loop.add_writer(self._writer_fd, self.flush)
+        elif self._writer_fd >= 0 and not self._wbuf and not c.want_write():
+            self._remove_writer()
 
-    def _write(self) -> None:
+    def _loop_write(self) -> None:
         try:
-            self.paho.loop_write()  # unregisters (and removes our writer) once everything is written
-        except Exception as exc:  # as aiomqtt does: a broken socket means disconnected
-            if not self.client._disconnected.done():
-                self.client._disconnected.set_exception(exc)
+            self.paho.loop_write()
+        except Exception as exc:
+            self._fail(exc)
+
+    def _send_buffered(self) -> None:
+        if not self._wbuf or self._sock is None:
+            return
+        try:
+            sent = self._sock.send(self._wbuf)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._fail(exc)
+            return
+        del self._wbuf[:sent]
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.client._disconnected.done():
+            self.client._disconnected.set_exception(exc)
 
     def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._remove_writer()
+        if not self._wbuf:
+            self._remove_writer()
 
     def _remove_writer(self) -> None:
         if self._writer_fd >= 0:
@@ -463,6 +562,7 @@ class _DataPath:
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         self._remove_writer()
+        self._wbuf.clear()
         if self._aiomqtt_on_socket_close is not None:
             self._aiomqtt_on_socket_close(client, userdata, sock)
 
