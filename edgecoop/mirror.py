@@ -59,6 +59,10 @@ class CmsMirror:
             subscriptions=[(self.topics.all_cards(), 1), (self.topics.all_status(), 1), (self._barrier_topic, 1)],
             handler=self._on_message,
             clean_start=True,  # a mirror rebuilds from retained state; no queued backlog wanted
+            # Never drop: the retained set arrives in one burst, partly before the last SUBACK (when nothing
+            # drains the inbox yet), and a dropped card would silently never be mirrored. Its size is bounded
+            # by the retained set; the batch it feeds is unbounded anyway.
+            max_queued_incoming=0,
         )
         self.state = State.NEW
 
@@ -112,8 +116,9 @@ class CmsMirror:
             batch, self._batch = self._batch, []
             if not batch:
                 continue
-            barriers = [p for t, p in batch if t == self._barrier_topic]
-            updates = [(t, p) for t, p in batch if t != self._barrier_topic]
+            barrier_topic = self._barrier_topic  # a property that validates: once per batch, not per message
+            barriers = [p for t, p in batch if t == barrier_topic]
+            updates = [(t, p) for t, p in batch if t != barrier_topic]
             if updates:
                 assert self.store is not None
                 try:
