@@ -319,6 +319,7 @@ class _DataPath:
         self._aiomqtt_on_publish: Callable[..., None] | None = self.paho.on_publish
         self._aiomqtt_on_socket_close: Callable[..., None] | None = self.paho.on_socket_close
         self.closed = False
+        self.receiving = False  # set by the connection's receive loop
 
     def attach(self) -> None:
         """Take over the message callbacks (call once connected, on the loop thread)."""
@@ -350,7 +351,9 @@ class _DataPath:
 
     # -- receiving ----------------------------------------------------------------------------------------
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        if len(self.inbox) >= self._max_queued > 0:
+        # The bound is for a handler that falls behind. Before the receive loop runs (subscribing, on_connect)
+        # nothing drains the inbox, and retained messages arrive there in one burst: keep them all.
+        if self.receiving and len(self.inbox) >= self._max_queued > 0:
             self._counters.extra["incoming_dropped"] = self._counters.extra.get("incoming_dropped", 0) + 1
             log.warning("%s: incoming message queue is full; message on %s discarded", self.client_id, message.topic)
             return
@@ -691,6 +694,7 @@ class Connection:
                     self.connected.set()
                     log.debug("%s connected to %s", self.client_id, self.settings.url)
                     inbox = path.inbox
+                    path.receiving = True
                     while True:
                         await path.wait()
                         while inbox:

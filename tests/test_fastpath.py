@@ -4,6 +4,7 @@ Each optimised path (paho properties, PUBLISH/PUBACK decoding, payload checks, t
 discovery SQL, the store migration) is compared with a reference: paho's own code, or the original query.
 """
 
+import asyncio
 import json
 import math
 import random
@@ -332,3 +333,59 @@ def test_migration_upgrades_a_version_1_database(tmp_path):
     store.ingest([Update(cards[3].agent_id, card=cards[3])])  # re-sent card replaces its FTS row by rowid
     assert store.db.execute("SELECT count(*) FROM agents_fts").fetchone()[0] == 30
     store.close()
+
+
+# -- the connection's data path ---------------------------------------------------------------------------
+
+
+async def test_retained_burst_at_subscribe_is_not_dropped_by_the_inbox_bound(settings, topics):
+    """Retained messages arrive before the last SUBACK, when nothing drains the inbox yet: keep them all."""
+    from edgecoop.connection import Connection
+
+    async with Connection(settings, "burst-pub", clean_start=True) as pub:
+        for i in range(300):
+            await pub.publish(f"{topics.prefix}/burst/{i}", b"x" * 200, retain=True)
+    got = []
+    conn = Connection(
+        settings,
+        "burst-sub",
+        subscriptions=[(f"{topics.prefix}/burst/+", 1), (f"{topics.prefix}/other", 1)],
+        handler=got.append,
+        clean_start=True,
+        max_queued_incoming=50,
+    )
+    async with conn:
+        await conn.publish(f"{topics.prefix}/other", b"end")
+        for _ in range(200):
+            if len(got) == 301:
+                break
+            await asyncio.sleep(0.01)
+    assert len(got) == 301 and conn.counters.extra.get("incoming_dropped", 0) == 0
+    async with Connection(settings, "burst-clean", clean_start=True) as pub:
+        for i in range(300):
+            await pub.publish(f"{topics.prefix}/burst/{i}", b"", retain=True)
+
+
+async def test_many_publishes_and_a_graceful_exit_deliver_everything_without_the_will(settings, topics):
+    """Coalesced writes keep order, and DISCONNECT leaves after everything queued (no Last Will)."""
+    import aiomqtt
+
+    from edgecoop.connection import Connection
+
+    got = []
+    async with Connection(
+        settings, "watcher", subscriptions=[(f"{topics.prefix}/w/#", 1)], handler=got.append, clean_start=True
+    ):
+        writer = Connection(
+            settings, "writer", clean_start=True, will=lambda: aiomqtt.Will(f"{topics.prefix}/w/will", b"WILL", qos=1)
+        )
+        async with writer:
+            await asyncio.gather(*[writer.publish(f"{topics.prefix}/w/data", b"%d" % i) for i in range(500)])
+            writer._path.paho.publish(f"{topics.prefix}/w/data", b"last", 0)  # still queued when we leave
+        for _ in range(200):
+            if len(got) >= 501:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+    payloads = [m.payload for m in got]
+    assert payloads == [b"%d" % i for i in range(500)] + [b"last"]
