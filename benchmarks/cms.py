@@ -171,7 +171,7 @@ def make_cards(n: int, *, seed: int = 7, epoch: int = 1_700_000_000_000) -> list
                 latency_ms=rng.choice([5.0, 20.0, 150.0, 800.0]),
                 privacy=rng.choice(["public", "public", "site", "private"]),
                 load=Load(queue=rng.choice([0, 0, 0, 1, 2, 5]), busy=rng.random() < 0.3, inflight=rng.randint(0, 2)),
-                ts=time.time(),
+                ts=epoch / 1000 + i,  # reproducible: the same cards for the same seed
             )
         )
     return cards

@@ -1,0 +1,59 @@
+"""Smoke runs of the foundation benchmarks (``--quick`` sizes): every reported figure exists and is sane.
+
+The figures themselves are not asserted against the targets here (a shared CI machine is too noisy for
+that); docs/benchmarks.md records full runs.
+"""
+
+import argparse
+import json
+
+from edgecoop.benchmarks import cms, rpc
+
+
+def _args(**kw):
+    return argparse.Namespace(json=None, quick=True, agents=1000, **kw)
+
+
+def test_rpc_quick_run_reports_every_figure():
+    result = rpc.main(_args())
+    json.dumps(result)  # what `edgecoop bench rpc --json` writes
+    p = result["params"]
+    for key in ("ours_p50_ms", "raw_p50_ms", "ours_p99_ms", "raw_p99_ms", "ours_rps", "raw_rps"):
+        assert result[key] > 0, key
+    assert result["ours_p99_ms"] >= result["ours_p50_ms"] and result["raw_p99_ms"] >= result["raw_p50_ms"]
+    assert abs(result["ratio_p50"] - result["ours_p50_ms"] / result["raw_p50_ms"]) < 0.01
+    assert result["rps_ratio"] > 0
+    # throughput counts answers, and every request was answered on both sides
+    assert result["ours_answers"] == result["raw_answers"] == p["pipelined"]
+    assert result["sequential_samples"] == p["sequential"]
+    assert result["machine"]["cores"] >= 1 and result["machine"]["mosquitto"].startswith("mosquitto")
+    assert isinstance(result["targets_met"], bool)
+
+
+def test_cms_quick_run_reports_every_figure():
+    result = cms.main(_args())
+    json.dumps(result)
+    n = result["agents"]
+    for key in (
+        "ingest_10k_s", "receive_10k_s", "query_p50_ms_1k", "query_p50_ms_10k", "query_p99_ms_10k",
+        "store_query_p50_ms_10k", "noop_hop_p50_ms", "ingest_ratio",
+    ):  # fmt: skip
+        assert result[key] > 0, key
+    assert result["query_p99_ms_10k"] >= result["query_p50_ms_10k"]
+    # the late joiner mirrored every card and status; nothing was dropped or rejected on the way
+    assert result["stored"] == n and 0 < result["online"] <= n
+    assert result["mirror_counters"].get("applied") == 2 * n
+    assert not set(result["mirror_counters"]) - {"applied", "fenced"} and result["mirror_counters"]["fenced"] == 0
+    assert result["query_hits_mean"] > 0  # the query mix finds agents
+    assert result["params"]["agents"] == n and result["small_agents"] < n
+
+
+def test_cards_are_valid_varied_and_reproducible():
+    from edgecoop.messages import CapabilityCard
+
+    cards = cms.make_cards(300, seed=3)
+    assert cards == cms.make_cards(300, seed=3)
+    assert len({c.agent_id for c in cards}) == 300
+    assert {k.kind for c in cards for k in c.capabilities} >= {"vision", "sensor", "slm", "knowledge"}
+    for card in cards[:50]:
+        assert CapabilityCard.from_dict(json.loads(json.dumps(card.to_dict()))) == card
