@@ -185,7 +185,7 @@ def _raw_responder_child(port: int, request_topic: str) -> None:
         rt = getattr(m.properties, "ResponseTopic", None)
         if not rt:
             return
-        p = Properties(PacketTypes.PUBLISH)
+        p = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # plain paho, as anyone writes it
         p.CorrelationData = m.properties.CorrelationData
         c.publish(rt, m.payload, qos=1, properties=p)
 
@@ -211,7 +211,7 @@ class RawRequester:
         self.reply_topic = f"bench/raw/reply/{cid}"
         self.client = _paho_client(cid)
         self.client.on_message = self._on_message
-        self._props = Properties(PacketTypes.PUBLISH)
+        self._props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # plain paho
         self._props.ResponseTopic = self.reply_topic
         self._answers = 0
         self._seq = 0
@@ -273,8 +273,12 @@ def _agent_child(port: int, prefix: str, concurrency: int) -> None:
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def stop_soon() -> None:
+            loop.call_soon_threadsafe(stop.set)
+
         async with Agent(config):
-            _wait_stdin_closed(lambda: loop.call_soon_threadsafe(stop.set))
+            _wait_stdin_closed(stop_soon)
             print(_READY, flush=True)
             await stop.wait()
 
