@@ -27,6 +27,10 @@ class CapabilitySpec:
     tags: tuple[str, ...] = ()
     max_concurrency: int = 1
     options: dict[str, Any] = field(default_factory=dict)
+    #: opt-in worker pool: also serve requests on ``<prefix>/pool/<pool>`` through the MQTT 5 shared
+    #: subscription ``$share/<pool_group or pool>/...`` (equivalent agents share the load)
+    pool: str = ""
+    pool_group: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +60,9 @@ class AgentConfig:
             validate_prefix(self.prefix)
             for cap in self.capabilities:
                 validate_id(cap.name, "capability name")
+                if cap.pool or cap.pool_group:
+                    validate_id(cap.pool, "pool")
+                    validate_id(cap.pool_group or cap.pool, "pool group")
         except TopicError as exc:
             raise ConfigError(str(exc)) from exc
         if self.privacy not in PRIVACY_CLASSES:
@@ -63,6 +70,9 @@ class AgentConfig:
         names = [c.name for c in self.capabilities]
         if len(names) != len(set(names)):
             raise ConfigError(f"agent {self.agent_id}: capability names must be unique, got {names}")
+        pools = [c.pool for c in self.capabilities if c.pool]
+        if len(pools) != len(set(pools)):
+            raise ConfigError(f"agent {self.agent_id}: one capability per pool, got pools {pools}")
 
 
 def detect_hardware() -> Hardware:
@@ -114,6 +124,8 @@ def _caps(items: list[dict[str, Any]]) -> tuple[CapabilitySpec, ...]:
                 tags=tuple(str(t) for t in c.get("tags", ())),
                 max_concurrency=int(c.get("max_concurrency", 1)),
                 options=dict(c.get("options", {})),
+                pool=str(c.get("pool", "")),
+                pool_group=str(c.get("pool_group", "")),
             )
         )
     return tuple(out)

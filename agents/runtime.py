@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -69,11 +70,21 @@ class Agent:
         self._loops: list[asyncio.Task[Any]] = []
         self.state = State.NEW
         self._deregistered = False
+        #: pool name -> the capability serving it (worker pools: MQTT 5 shared subscriptions)
+        self._pool_caps = {spec.pool: spec.name for spec in config.capabilities if spec.pool}
+        pools = [
+            (self.topics.pool_subscription(s.pool, s.pool_group or s.pool), 1) for s in config.capabilities if s.pool
+        ]
         self.conn = Connection(
-            config.broker,
+            # Mosquitto 2.0.11 keeps routing a share of a pool's messages to a dead member's *persistent* session
+            # (measured: 5 of 10 while the session lived): a pool worker's session ends with its connection.
+            dataclasses.replace(config.broker, session_expiry_s=0) if pools else config.broker,
             config.agent_id,
             subscriptions=[
                 (self.topics.agent_requests(config.agent_id), 1),
+                # requests from other sites, routed by the site bridges (docs/scaling.md)
+                (self.topics.site_agent_requests(config.site, config.agent_id), 1),
+                *pools,
                 Requester.subscription(self.topics, config.agent_id),
             ],
             handler=self._on_message,
@@ -219,6 +230,8 @@ class Agent:
             except TopicError:
                 self.counters["bad_topic"] += 1
                 return
+            if parsed.kind is Kind.POOL and parsed.name in self._pool_caps:  # served like a direct request
+                parsed = ParsedTopic(Kind.REQUEST, self.agent_id, self._pool_caps[parsed.name])
             if len(self._parsed) < 1024:  # our own request topics: one per capability name clients use
                 self._parsed[topic] = parsed
         if parsed.kind is not Kind.REQUEST or parsed.owner != self.agent_id:

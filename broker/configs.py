@@ -134,6 +134,11 @@ pattern read {p}/agents/+/status
 pattern read {p}/agents/+/data/#
 pattern write {p}/tasks/submit
 pattern read {p}/tasks/events/#
+# across sites (bridged): requests to us from other sites, our replies to their requesters
+pattern read {p}/sites/+/agents/%u/req/#
+pattern readwrite {p}/sites/+/reply/%u
+pattern write {p}/sites/+/reply/+
+pattern write {p}/sites/+/agents/+/req/#
 
 {admin_blocks}"""
 
@@ -147,26 +152,49 @@ def bridge_config(
     prefix: str = DEFAULT_PREFIX,
     username: str | None = None,
     password: str | None = None,
+    keepalive: int = 15,
+    restart_timeout: tuple[int, int] = (1, 10),
 ) -> str:
-    """Bridge one site broker to a regional/cloud broker: cards, status and requests/replies cross it."""
+    """Bridge one site's broker to the regional/cloud hub (append it to the site broker's config).
+
+    What crosses (docs/scaling.md has the diagram):
+
+    * cards and status, retained, both ways: every site's CMS sees every agent, with its ``site``;
+    * ``<prefix>/sites/<site>/#`` *in*: requests to this site's agents and replies to its requesters;
+    * ``<prefix>/sites/#`` *out*: this site's requests to other sites' agents and its replies to other
+      sites' requesters (the hub forwards each only to the one site it names);
+    * task events out, for a regional dashboard.
+
+    Mosquitto bridges keep the MQTT 5 Response Topic as it is (upstream #1896), so a cross-site request
+    carries a Response Topic that routes back by itself: ``<prefix>/sites/<requester's site>/reply/<client>``.
+    Local requests and replies (``<prefix>/agents/.../req``, ``<prefix>/reply/...``) and sensor data never
+    cross. A v5 bridge subscribes with No Local on both ends, so nothing comes back the way it went: no loops,
+    no duplicates (tests/test_bridges.py counts them).
+    """
     validate_id(name, "bridge name")
     validate_id(site, "site")
+    validate_prefix(prefix)
+    if not remote_host or any(c.isspace() for c in remote_host):
+        raise ValueError(f"bad remote host {remote_host!r}")
     p = prefix
     creds = f"remote_username {username}\nremote_password {password}\n" if username else ""
+    base, cap = restart_timeout
     return f"""\
 # edgecoop bridge from site {site} to {remote_host}:{remote_port}
 connection {name}
 address {remote_host}:{remote_port}
 bridge_protocol_version mqttv50
 cleansession false
-local_clientid bridge-{name}
+local_clientid bridge-{name}-local
 remote_clientid bridge-{name}
 try_private true
-restart_timeout 1 10
-{creds}# retained discovery state in both directions
+keepalive_interval {keepalive}
+restart_timeout {base} {cap}
+{creds}# discovery state (retained) in both directions
 topic {p}/agents/+/card both 1
 topic {p}/agents/+/status both 1
-topic {p}/agents/+/req/# both 1
-topic {p}/reply/# both 1
-topic {p}/tasks/events/# out 1
+# cross-site request/response: what is addressed to this site comes in, what is addressed elsewhere goes out
+topic {p}/sites/{site}/# in 1
+topic {p}/sites/# out 1
+topic {p}/tasks/events/# out 0
 """

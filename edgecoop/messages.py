@@ -163,6 +163,8 @@ class CapabilityInfo:
     description: str = ""
     tags: tuple[str, ...] = ()
     cooperation: str = "computation"  # data | computation | knowledge
+    #: the worker pool this capability also serves (``<prefix>/pool/<pool>``), "" for none
+    pool: str = ""
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CapabilityInfo:
@@ -170,12 +172,14 @@ class CapabilityInfo:
         coop = _opt(d, "cooperation", str, "computation", w)
         if coop not in ("data", "computation", "knowledge"):
             raise SchemaError(f"{w}.cooperation: unknown cooperation type {coop!r}")
+        pool = _opt(d, "pool", str, "", w)
         return cls(
             _ident(_req(d, "name", str, w), f"{w}.name"),
             _req(d, "kind", str, w),
             _opt(d, "description", str, "", w),
             _str_list(d, "tags", w),
             coop,
+            _ident(pool, f"{w}.pool") if pool else "",
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -36,13 +36,17 @@ class Requester:
     """Sends requests and matches replies; attach it to a :class:`Connection` with :meth:`handle`.
 
     The requester's reply topic ``<prefix>/reply/<client_id>`` must be among the connection's subscriptions
-    (see :meth:`subscription`).
+    (see :meth:`subscription`). With a ``site``, requests to agents of *other* sites go to
+    ``<prefix>/sites/<their site>/agents/...`` with the Response Topic ``<prefix>/sites/<site>/reply/<client_id>``,
+    which the site bridges route back (docs/scaling.md); subscribe to :meth:`site_subscription` too.
     """
 
-    def __init__(self, conn: Connection, topics: Topics, *, max_in_flight: int = 256) -> None:
+    def __init__(self, conn: Connection, topics: Topics, *, max_in_flight: int = 256, site: str | None = None) -> None:
         self.conn = conn
         self.topics = topics
         self.reply_topic = topics.reply(conn.client_id)
+        self.site = site
+        self.site_reply_topic = topics.site_reply(site, conn.client_id) if site else None
         self._pending: dict[bytes, _Pending] = {}
         self._slots = asyncio.Semaphore(max_in_flight)
         self.late_replies = 0
@@ -52,13 +56,25 @@ class Requester:
     def subscription(topics: Topics, client_id: str) -> tuple[str, int]:
         return topics.reply(client_id), 1
 
+    @staticmethod
+    def site_subscription(topics: Topics, site: str, client_id: str) -> tuple[str, int]:
+        """The reply topic for cross-site requests (where the bridges deliver replies from other sites)."""
+        return topics.site_reply(site, client_id), 1
+
+    def route(self, agent_id: str, capability: str, site: str | None = None) -> tuple[str, str | None]:
+        """(request topic, Response Topic or None for the default) to reach ``agent_id`` at ``site``."""
+        if site and self.site and site != self.site:
+            return self.topics.site_request(site, agent_id, capability), self.site_reply_topic
+        return self.topics.request(agent_id, capability), None
+
     @property
     def in_flight(self) -> int:
         return len(self._pending)
 
     def handle(self, message: Message) -> bool:
         """Resolve the pending request this reply belongs to; return False if it is not a reply for us."""
-        if str(message.topic) != self.reply_topic:
+        topic = str(message.topic)
+        if topic not in (self.reply_topic, self.site_reply_topic):
             return False
         corr = getattr(message.properties, "CorrelationData", None)
         pending = self._pending.get(corr) if isinstance(corr, bytes) else None
@@ -87,6 +103,7 @@ class Requester:
         timeout: float,
         agent_id: str = "",
         on_partial: PartialCallback | None = None,
+        reply_topic: str | None = None,
     ) -> Response:
         """Publish ``request`` on ``topic`` and wait for its final reply (partials go to ``on_partial``).
 
@@ -106,7 +123,7 @@ class Requester:
                         payload,
                         qos=1,
                         properties=props(
-                            ResponseTopic=self.reply_topic,
+                            ResponseTopic=reply_topic or self.reply_topic,
                             CorrelationData=corr,
                             ContentType=Format.MSGPACK.value,
                             MessageExpiryInterval=max(1, int(timeout) + 1),
@@ -132,14 +149,39 @@ class Requester:
         timeout: float = 10.0,
         task_id: str = "",
         on_partial: PartialCallback | None = None,
+        site: str | None = None,
     ) -> Response:
-        """Ask one agent; raise :class:`RemoteError` on an error reply, :class:`RequestTimeout` on no reply."""
+        """Ask one agent; raise :class:`RemoteError` on an error reply, :class:`RequestTimeout` on no reply.
+
+        ``site`` is the agent's site (from its card): an agent of another site is reached through the site bridges.
+        """
         req = Request(capability, dict(input or {}), task_id=task_id, stream=on_partial is not None)
+        topic, reply_topic = self.route(agent_id, capability, site)
         resp = await self.call(
-            self.topics.request(agent_id, capability), req, timeout=timeout, agent_id=agent_id, on_partial=on_partial
+            topic, req, timeout=timeout, agent_id=agent_id, on_partial=on_partial, reply_topic=reply_topic
         )
         if not resp.ok:
             raise RemoteError(resp.code, resp.message, agent_id=agent_id)
+        return resp
+
+    async def pool_request(
+        self,
+        pool: str,
+        capability: str,
+        input: Mapping[str, Any] | None = None,
+        *,
+        timeout: float = 10.0,
+        task_id: str = "",
+    ) -> Response:
+        """Ask whichever worker of ``pool`` takes it (MQTT 5 shared subscription ``$share/<group>/<p>/pool/<pool>``).
+
+        One attempt: a worker that dies holding the request loses it (Mosquitto does not redeliver a shared
+        subscription's in-flight messages), so the caller's deadline and re-dispatch must cover it.
+        """
+        req = Request(capability, dict(input or {}), task_id=task_id)
+        resp = await self.call(self.topics.pool(pool), req, timeout=timeout, agent_id=f"pool {pool}")
+        if not resp.ok:
+            raise RemoteError(resp.code, resp.message, agent_id=resp.agent_id or f"pool {pool}")
         return resp
 
 

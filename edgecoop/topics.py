@@ -10,6 +10,8 @@ Contract (``<p>`` is the namespace prefix, default ``edgecoop/v1``)::
     <p>/agents/<agent>/req/<capability>  requests to one agent (MQTT 5 Response Topic + Correlation Data)
     <p>/pool/<capability>                requests to a worker pool ($share/<group>/... subscription)
     <p>/reply/<client>                   replies to one requester
+    <p>/sites/<site>/agents/<agent>/req/<capability>   a request to an agent at another site (bridged)
+    <p>/sites/<site>/reply/<client>                    a reply to a requester at <site> (bridged)
     <p>/tasks/submit                     tasks from any MQTT client (JSON or msgpack)
     <p>/tasks/events/<task>              task lifecycle events for dashboards, not retained
     <p>/orchestrators/<id>/status        retained orchestrator availability
@@ -95,6 +97,8 @@ class ParsedTopic:
     owner: str = ""
     #: sensor name or capability name where the kind has one
     name: str = ""
+    #: the site of a site-qualified request or reply topic (``<p>/sites/<site>/...``), else empty
+    site: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +141,23 @@ class Topics:
 
     def reply(self, client_id: str) -> str:
         return f"{self.prefix}/reply/{validate_id(client_id, 'client id')}"
+
+    # -- across sites (bridged; see docs/scaling.md): <p>/sites/<site>/... routes to <site> ------------------
+    def site_request(self, site: str, agent_id: str, capability: str) -> str:
+        """A request to ``agent_id`` at ``site``, from anywhere the bridges reach."""
+        site, agent = validate_id(site, "site"), validate_id(agent_id, "agent id")
+        return f"{self.prefix}/sites/{site}/agents/{agent}/req/{validate_id(capability, 'capability')}"
+
+    def site_agent_requests(self, site: str, agent_id: str) -> str:
+        return f"{self.prefix}/sites/{validate_id(site, 'site')}/agents/{validate_id(agent_id, 'agent id')}/req/+"
+
+    def site_reply(self, site: str, client_id: str) -> str:
+        """The reply topic of a requester at ``site``: the Response Topic of its cross-site requests."""
+        return f"{self.prefix}/sites/{validate_id(site, 'site')}/reply/{validate_id(client_id, 'client id')}"
+
+    def site_inbound(self, site: str) -> str:
+        """Everything addressed to ``site`` (a bridge's ``in`` topic)."""
+        return f"{self.prefix}/sites/{validate_id(site, 'site')}/#"
 
     def task_submit(self) -> str:
         return f"{self.prefix}/tasks/submit"
@@ -187,6 +208,15 @@ class Topics:
                 return ParsedTopic(Kind.POOL, "", validate_id(cap, "capability"))
             case ["reply", client]:
                 return ParsedTopic(Kind.REPLY, validate_id(client, "client id"))
+            case ["sites", site, "agents", agent, "req", cap]:
+                return ParsedTopic(
+                    Kind.REQUEST,
+                    validate_id(agent, "agent id"),
+                    validate_id(cap, "capability"),
+                    validate_id(site, "site"),
+                )
+            case ["sites", site, "reply", client]:
+                return ParsedTopic(Kind.REPLY, validate_id(client, "client id"), site=validate_id(site, "site"))
             case ["tasks", "submit"]:
                 return ParsedTopic(Kind.TASK_SUBMIT)
             case ["tasks", "events", task]:

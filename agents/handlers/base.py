@@ -64,6 +64,7 @@ class Handler:
             description=self.spec.description or (self.__doc__ or "").strip().splitlines()[0],
             tags=self.spec.tags,
             cooperation=self.cooperation,
+            pool=self.spec.pool,
         )
 
     def models(self) -> list[ModelInfo]:

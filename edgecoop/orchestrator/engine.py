@@ -22,6 +22,7 @@ from edgecoop.orchestrator.compose import Answer, compose
 from edgecoop.orchestrator.plans import Plan, Step, build_plan, cloud_plan
 from edgecoop.orchestrator.strategies import Strategy
 from edgecoop.rpc import Requester
+from edgecoop.sites import SiteCosts
 from edgecoop.wire import encode
 from edgecoop.worker import Worker
 
@@ -29,6 +30,8 @@ __all__ = ["Engine", "StepFailed", "TaskOutcome", "TaskSpec"]
 
 log = logging.getLogger(__name__)
 Emit = Callable[[str, Mapping[str, Any]], Awaitable[None]]
+#: computation and knowledge steps prefer a nearer agent unless a farther one matches the need twice as well
+NEAR_BAND = 0.5
 MAX_ATTEMPTS = 3
 
 
@@ -97,10 +100,14 @@ def _sensor_name(card: Mapping[str, Any], modality: str | None) -> str | None:
 
 
 class Engine:
-    def __init__(self, mirror: CmsMirror, requester: Requester, classifier: Classifier) -> None:
+    def __init__(
+        self, mirror: CmsMirror, requester: Requester, classifier: Classifier, *, sites: SiteCosts | None = None
+    ) -> None:
         self.mirror = mirror
         self.requester = requester
         self.classifier = classifier
+        #: our site and the network cost of the others: local agents first, then near sites, then the cloud
+        self.sites = sites or SiteCosts(requester.site)
         self._classify_worker = Worker("classifier") if classifier.name != "rule" else None
         self._places: list[str] = []
         self._places_version = -1
@@ -221,6 +228,8 @@ class Engine:
         if not candidates:
             raise StepFailed(f"no online agent offers {step.kind}" + (f" ({step.modality})" if step.modality else ""))
         ordered = run.strategy.order(candidates, f"{step.kind}:{step.modality or ''}")
+        if run.strategy.semantic:  # nearest site first among equally relevant agents (data: exact ties)
+            ordered = self.sites.near_first(ordered, band=0.0 if step.modality else NEAR_BAND)
         if step.fanout:
             outs = await asyncio.gather(
                 *(self._call(run, step, m, results, 0) for m in ordered), return_exceptions=True
@@ -238,10 +247,12 @@ class Engine:
         raise StepFailed(f"{step.name} failed on {len(errors)} agent(s): " + "; ".join(errors))
 
     async def _request_unless_offline(
-        self, agent_id: str, cap: str, data: dict[str, Any], timeout: float, task_id: str
+        self, agent_id: str, cap: str, data: dict[str, Any], timeout: float, task_id: str, *, site: str | None = None
     ) -> Any:
         """Dispatch, but give up as soon as the agent is reported dead: re-dispatch need not wait for the deadline."""
-        request = asyncio.ensure_future(self.requester.request(agent_id, cap, data, timeout=timeout, task_id=task_id))
+        request = asyncio.ensure_future(
+            self.requester.request(agent_id, cap, data, timeout=timeout, task_id=task_id, site=site)
+        )
         watch = asyncio.ensure_future(_watch_offline(self.mirror, agent_id))
         try:
             done, _ = await asyncio.wait({request, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -278,8 +289,18 @@ class Engine:
         t0 = time.monotonic()
         entry: dict[str, Any] = {"step": step.name, "agent": m.agent_id, "capability": cap, "tier": tier,
                                  "attempt": attempt}  # fmt: skip
+        if self.sites.site is not None:
+            entry |= self.sites.annotate(m.card)
+        pool = "" if self.sites.is_remote(m.card.get("site")) else _pool(m.card, cap)  # pools are site-local
         try:
-            resp = await self._request_unless_offline(m.agent_id, cap, data, timeout, run.spec.task_id)
+            if pool:
+                entry["agent"] = f"pool:{pool}"  # whichever worker takes it; the answer names it
+                resp = await self._pool_request_unless_offline(pool, cap, data, timeout, run.spec.task_id)
+                entry["agent"] = resp.agent_id or entry["agent"]
+            else:
+                resp = await self._request_unless_offline(
+                    m.agent_id, cap, data, timeout, run.spec.task_id, site=m.card.get("site")
+                )
         except (RequestError, BrokerError, TopicError) as exc:
             entry |= {"ok": False, "ms": round((time.monotonic() - t0) * 1000, 2), "error": str(exc)}
             run.trace.append(entry)
@@ -292,6 +313,49 @@ class Engine:
             run.cost += float(result.get("cost", 0.0))
         await run.emit("step_done", {"step": entry})
         return result
+
+    async def _pool_request_unless_offline(
+        self, pool: str, cap: str, data: dict[str, Any], timeout: float, task_id: str
+    ) -> Any:
+        """Dispatch to a worker pool; give up as soon as any member is reported dead (it may have held the request:
+        Mosquitto does not redeliver a dead member's in-flight shared-subscription messages), so the step's
+        re-dispatch sends it to the pool again without waiting for the deadline."""
+
+        def members(store: Any) -> list[str]:
+            found = store.discover(DiscoveryQuery(capability=cap, limit=10_000))
+            return [
+                m.agent_id for m in found if _pool(m.card, cap) == pool and not self.sites.is_remote(m.card.get("site"))
+            ]
+
+        ids = await self.mirror.query(members)
+        request = asyncio.ensure_future(self.requester.pool_request(pool, cap, data, timeout=timeout, task_id=task_id))
+        watch = asyncio.ensure_future(_watch_any_offline(self.mirror, ids))
+        try:
+            done, _ = await asyncio.wait({request, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if request in done:
+                return request.result()
+            raise AgentWentOffline(f"a member of pool {pool} went offline during the request")
+        finally:
+            for t in (request, watch):
+                if not t.done():
+                    t.cancel()
+            for t in (request, watch):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+
+
+def _pool(card: Mapping[str, Any], cap: str) -> str:
+    """The worker pool the card's capability ``cap`` serves, or ""."""
+    return next((str(c.get("pool") or "") for c in card.get("capabilities", []) if c.get("name") == cap), "")
+
+
+async def _watch_any_offline(mirror: CmsMirror, agent_ids: Sequence[str]) -> None:
+    """Return when the CMS marks any of ``agent_ids`` offline (never, for none)."""
+
+    def offline(store: Any) -> bool:
+        return any((st := store.status(a)) is not None and not st[0] for a in agent_ids)
+
+    await mirror.wait_for(offline, timeout=None)
 
 
 class AgentWentOffline(RequestError):

@@ -28,6 +28,7 @@ from edgecoop.orchestrator.engine import Engine, TaskOutcome, TaskSpec
 from edgecoop.orchestrator.store import TaskStore
 from edgecoop.orchestrator.strategies import STRATEGIES, Strategy, get_strategy
 from edgecoop.rpc import ReplyContext, Requester, reply_context
+from edgecoop.sites import SiteCosts
 from edgecoop.topics import Topics, validate_id
 from edgecoop.wire import Format, decode, encode
 from edgecoop.worker import Worker
@@ -84,6 +85,8 @@ class Orchestrator:
         default_deadline_s: float = 60.0,
         summarize: bool = False,
         seed: int = 0,
+        site: str | None = None,
+        site_costs: Mapping[str, float] | None = None,
     ) -> None:
         self.settings = settings
         self.topics = topics or Topics()
@@ -105,15 +108,18 @@ class Orchestrator:
         self.conn = Connection(
             settings,
             self.orchestrator_id,
-            subscriptions=[(self.topics.task_submit(), 1), Requester.subscription(self.topics, self.orchestrator_id)],
+            subscriptions=[(self.topics.task_submit(), 1), Requester.subscription(self.topics, self.orchestrator_id)]
+            + ([Requester.site_subscription(self.topics, site, self.orchestrator_id)] if site else []),
             handler=self._on_message,
             will=lambda: aiomqtt.Will(self.topics.orchestrator_status(self.orchestrator_id),
                                       encode(Status(self.orchestrator_id, False, self._epoch).to_dict()), 1, True),
             on_connect=self._on_connect,
         )  # fmt: skip
         self._epoch = time.time_ns() // 1_000_000
-        self.requester = Requester(self.conn, self.topics)
-        self.engine = Engine(self.mirror, self.requester, self.classifier)
+        # with a site: agents of other sites are reached through the bridges, and ranked after local ones
+        self.sites = SiteCosts(site, dict(site_costs or {}))
+        self.requester = Requester(self.conn, self.topics, site=site)
+        self.engine = Engine(self.mirror, self.requester, self.classifier, sites=self.sites)
         self.state = State.NEW
 
     def strategy(self, name: str | None) -> Strategy:
