@@ -217,7 +217,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # -- orchestrator and tasks ---------------------------------------------------------------------------
 _ORCH_DEFAULTS: dict[str, Any] = {
     "id": "orchestrator", "strategy": "capability-aware", "classifier": "rule", "model": "smollm2-135m",
-    "db": "tasks.db", "summarize": False,
+    "db": "tasks.db", "summarize": False, "site": None, "site_costs": {},
 }  # fmt: skip
 
 
@@ -255,6 +255,7 @@ def _orchestrator_settings(args: argparse.Namespace) -> tuple[dict[str, Any], Br
 def cmd_orchestrator(args: argparse.Namespace) -> int:
     from edgecoop.orchestrator import Orchestrator, RuleClassifier, SlmClassifier
     from edgecoop.orchestrator.classifier import Classifier
+    from edgecoop.sites import parse_site_costs
 
     conf, broker, prefix = _orchestrator_settings(args)
     classifier: Classifier = RuleClassifier()
@@ -267,6 +268,7 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
         async with Orchestrator(
             broker, topics=Topics(prefix), orchestrator_id=conf["id"], strategy=conf["strategy"],
             classifier=classifier, db_path=conf["db"], summarize=bool(conf["summarize"]),
+            site=conf["site"], site_costs=parse_site_costs(conf["site_costs"]),
         ):  # fmt: skip
             print(
                 f"orchestrator {conf['id']} ({conf['strategy']}, {classifier.name} classifier) on {broker.url}",
@@ -400,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model for the slm classifier (default smollm2-135m)")
     p.add_argument("--db", default=None, help="SQLite file for task states and results (default tasks.db)")
     p.add_argument("--summarize", action="store_true", default=None, help="add an SLM summary step to pipelines")
+    p.add_argument("--site", default=None, help="this orchestrator's site: its agents first, others over the bridges")
+    p.add_argument("--site-cost", dest="site_costs", action="append", default=None, metavar="SITE=COST",
+                   help="network cost of reaching another site (repeatable; unlisted sites cost 5, our own 0)")  # fmt: skip
     p.set_defaults(func=cmd_orchestrator)
 
     p = sub.add_parser("task", help="submit a task to the orchestrator and print the answer",

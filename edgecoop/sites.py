@@ -40,7 +40,7 @@ class SiteCosts:
                 validate_id(self.site, "site")
             for name, cost in self.costs.items():
                 validate_id(name, "site")
-                if not 0 <= float(cost) < float("inf"):
+                if isinstance(cost, bool) or not isinstance(cost, int | float) or not 0 <= cost < float("inf"):
                     raise ConfigError(f"site cost of {name!r} must be a finite number >= 0, not {cost!r}")
         except TopicError as exc:
             raise ConfigError(str(exc)) from exc

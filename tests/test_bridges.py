@@ -336,3 +336,42 @@ def test_site_topics_parse_and_route():
         "topic x/v1/sites/# out 1",
         "topic x/v1/tasks/events/# out 0",
     ]
+
+
+def test_site_costs_and_orchestrator_site_flags(tmp_path):
+    from edgecoop.cli import _orchestrator_settings, build_parser
+    from edgecoop.errors import ConfigError
+    from edgecoop.sites import SiteCosts, parse_site_costs
+
+    args = build_parser().parse_args(["orchestrator", "--site", "a", "--site-cost", "b=1", "--site-cost", "cloud=10"])
+    conf, _, _ = _orchestrator_settings(args)
+    assert (conf["site"], parse_site_costs(conf["site_costs"])) == ("a", {"b": 1.0, "cloud": 10.0})
+    toml = tmp_path / "orchestrator.toml"
+    toml.write_text('[orchestrator]\nsite = "b"\nsite_costs = { a = 1, cloud = 10 }\n')
+    conf, _, _ = _orchestrator_settings(build_parser().parse_args(["orchestrator", "--config", str(toml)]))
+    assert (conf["site"], parse_site_costs(conf["site_costs"])) == ("b", {"a": 1.0, "cloud": 10.0})
+    for bad in (["b"], ["b=near"], ["a/b=1"]):
+        with pytest.raises(ConfigError):
+            parse_site_costs(bad)
+    with pytest.raises(ConfigError):
+        SiteCosts("a", {"b": -1})
+    costs = SiteCosts("a", {"b": 1, "cloud": 10})
+    assert [costs.cost(s) for s in ("a", "b", "cloud", "elsewhere", None)] == [0.0, 1.0, 10.0, 5.0, 0.0]
+    assert SiteCosts().cost("b") == 0.0 and not SiteCosts().is_remote("b")
+
+
+def test_near_first_keeps_relevance_first():
+    from edgecoop.cms.discovery import Match
+    from edgecoop.sites import SiteCosts
+
+    def m(agent: str, score: float, site: str) -> Match:
+        return Match(agent, score, {"site": site})
+
+    costs = SiteCosts("a", {"b": 1, "cloud": 10})
+    ranked = [m("cloud-1", 9.0, "cloud"), m("b-1", 9.0, "b"), m("a-1", 9.0, "a"), m("a-2", 5.0, "a")]
+    # exact ties only (place-bound data): a farther exact match still beats a weaker local one
+    assert [x.agent_id for x in costs.near_first(ranked)] == ["a-1", "b-1", "cloud-1", "a-2"]
+    # a band of 0.5: the local agent within half the best score goes first
+    assert [x.agent_id for x in costs.near_first(ranked, band=0.5)] == ["a-1", "a-2", "b-1", "cloud-1"]
+    assert costs.near_first([m("x", 1.0, "b"), m("y", 3.0, "a")], band=0.5)[0].agent_id == "y"
+    assert [x.agent_id for x in SiteCosts().near_first(ranked)] == ["cloud-1", "b-1", "a-1", "a-2"]
