@@ -21,12 +21,13 @@ import aiomqtt
 
 from edgecoop.agents.config import AgentConfig, detect_hardware
 from edgecoop.agents.handlers.base import AgentContext, CallContext, Handler, handler_class
+from edgecoop.agents.outbox import Outbox
 from edgecoop.connection import Connection, Message, State
 from edgecoop.errors import EdgecoopError, TopicError, WireError
 from edgecoop.messages import CapabilityCard, Load, Request, Response, Status
 from edgecoop.rpc import ReplyContext, Requester, reply_context
 from edgecoop.topics import Kind, ParsedTopic, Topics
-from edgecoop.wire import decode, encode
+from edgecoop.wire import Format, decode, encode
 
 __all__ = ["Agent"]
 
@@ -70,6 +71,9 @@ class Agent:
         self._loops: list[asyncio.Task[Any]] = []
         self.state = State.NEW
         self._deregistered = False
+        self.outbox = Outbox(config.state_dir / "outbox.db" if config.state_dir else None)
+        #: durable requests being executed: rid -> every route that asked for it (a re-send adds its route)
+        self._rid_routes: dict[str, list[ReplyContext]] = {}
         #: pool name -> the capability serving it (worker pools: MQTT 5 shared subscriptions)
         self._pool_caps = {spec.pool: spec.name for spec in config.capabilities if spec.pool}
         pools = [
@@ -85,6 +89,7 @@ class Agent:
                 # requests from other sites, routed by the site bridges (docs/scaling.md)
                 (self.topics.site_agent_requests(config.site, config.agent_id), 1),
                 *pools,
+                (self.topics.ack(config.agent_id), 1),
                 Requester.subscription(self.topics, config.agent_id),
             ],
             handler=self._on_message,
@@ -136,6 +141,11 @@ class Agent:
 
             await publish_discovery(client, self.card(), self.topics)
         self.counters["births"] += 1
+        # Results the requester has not acknowledged may have been forgotten by a restarted broker: send again.
+        for entry in self.outbox.entries():
+            props = ReplyContext(entry.response_topic, entry.correlation, Format(entry.fmt)).properties()
+            await client.publish(entry.response_topic, entry.payload, qos=1, properties=props)
+            self.counters["outbox_resent"] += 1
 
     async def publish_card(self) -> None:
         await self.conn.publish(self.topics.card(self.agent_id), encode(self.card().to_dict()), qos=1, retain=True)
@@ -158,6 +168,8 @@ class Agent:
         self.state = State.RUNNING
         self._stack = contextlib.AsyncExitStack()
         try:
+            await self.outbox.open()
+            self._stack.push_async_callback(self.outbox.close)
             for h in self.handlers.values():
                 await h.start(self.ctx)
                 self._stack.push_async_callback(h.stop)
@@ -234,6 +246,9 @@ class Agent:
                 parsed = ParsedTopic(Kind.REQUEST, self.agent_id, self._pool_caps[parsed.name])
             if len(self._parsed) < 1024:  # our own request topics: one per capability name clients use
                 self._parsed[topic] = parsed
+        if parsed.kind is Kind.ACK and parsed.owner == self.agent_id:
+            await self._on_ack(message)
+            return
         if parsed.kind is not Kind.REQUEST or parsed.owner != self.agent_id:
             self.counters["unexpected_topic"] += 1
             return
@@ -261,7 +276,21 @@ class Agent:
             self.counters["bad_request"] += 1
             await self._reply(route, Response.error(exc.code, str(exc), self.agent_id))
             return
+        if request.rid:
+            kept = self.outbox.get(request.rid)
+            if kept is not None:  # executed already: answer with the kept result, never run it twice
+                self.counters["replayed"] += 1
+                await self._publish_reply(route, kept.payload)
+                return
+            routes = self._rid_routes.get(request.rid)
+            if routes is not None:  # a re-send while we work on it: answer this route too when done
+                self.counters["duplicate_inflight"] += 1
+                if all(r.correlation != route.correlation or r.response_topic != route.response_topic for r in routes):
+                    routes.append(route)
+                return
+            self._rid_routes[request.rid] = [route]
         if self._queued >= self.config.max_queue:
+            self._rid_routes.pop(request.rid, None)
             self.counters["overloaded"] += 1
             await self._reply(route, Response.error("overloaded", f"{self.agent_id} queue is full", self.agent_id))
             return
@@ -288,6 +317,7 @@ class Agent:
         try:
             if request.deadline_ms and remaining <= 0:
                 self.counters["expired"] += 1
+                self._rid_routes.pop(request.rid, None)
                 return  # the requester has given up already; answering would only be a late reply
             async with self._slots[name]:
                 self._queued -= 1
@@ -316,17 +346,56 @@ class Agent:
                 finally:
                     self._inflight -= 1
             elapsed_ms = (time.monotonic() - started) * 1000
-            await self._reply(
-                route,
-                Response(  # not dataclasses.replace(): that costs more than the echo itself
-                    ok=response.ok, result=response.result, code=response.code, message=response.message,
-                    agent_id=response.agent_id, partial=response.partial, seq=response.seq, elapsed_ms=elapsed_ms,
-                ),
+            final = Response(  # not dataclasses.replace(): that costs more than the echo itself
+                ok=response.ok, result=response.result, code=response.code, message=response.message,
+                agent_id=response.agent_id, partial=response.partial, seq=response.seq, elapsed_ms=elapsed_ms,
             )  # fmt: skip
+            if not request.rid:
+                await self._reply(route, final)
+            else:
+                await self._reply_durable(request.rid, route, final)
         finally:
             if not dequeued:
                 self._queued -= 1
             self._load_changed()
+
+    async def _reply_durable(self, rid: str, route: ReplyContext, response: Response) -> None:
+        """Keep the result in the outbox first (on disk with a state_dir), then answer every route that asked."""
+        payload = self._encode_reply(route, response)
+        routes = self._rid_routes.pop(rid, [route])
+        try:
+            await self.outbox.put(rid, route.response_topic, route.correlation, route.fmt.value, payload)
+        except Exception:  # a full disk must not swallow the answer: send it anyway, and say so
+            self.counters["outbox_failed"] += 1
+            log.exception("%s: outbox write for %s failed", self.agent_id, rid)
+        for r in routes:
+            await self._publish_reply(r, payload if r.fmt is route.fmt else self._encode_reply(r, response))
+
+    async def _on_ack(self, message: Message) -> None:
+        raw = message.payload if isinstance(message.payload, bytes) else b""
+        try:
+            data, _ = decode(raw)
+            rids = data.get("rids")
+            if not isinstance(rids, list) or not all(isinstance(r, str) for r in rids):
+                raise WireError("ack: 'rids' must be a list of strings")
+        except WireError as exc:
+            self.counters["bad_ack"] += 1
+            log.warning("%s: bad ack: %s", self.agent_id, exc)
+            return
+        self.counters["acked"] += await self.outbox.ack(rids)
+
+    def _encode_reply(self, route: ReplyContext, response: Response) -> bytes:
+        try:
+            return route.payload(response)
+        except WireError as exc:  # result too large / not encodable: say so instead of vanishing
+            return route.payload(Response.error(exc.code, f"result not sendable: {exc}", self.agent_id))
+
+    async def _publish_reply(self, route: ReplyContext, payload: bytes) -> None:
+        try:
+            await self.conn.publish(route.response_topic, payload, qos=1, properties=route.properties())
+        except EdgecoopError as exc:
+            self.counters["reply_failed"] += 1
+            log.warning("%s: reply to %s failed: %s", self.agent_id, route.response_topic, exc)
 
     async def _reply(self, route: ReplyContext, response: Response) -> None:
         try:

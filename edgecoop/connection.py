@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 Message = aiomqtt.Message
 Handler = Callable[[Message], Awaitable[None] | object]
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+CONNACK_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -670,7 +671,9 @@ class Connection:
             properties=props(PacketTypes.CONNECT, SessionExpiryInterval=s.session_expiry_s),
             socket_options=[_NODELAY],
             max_queued_incoming_messages=self._max_queued,
-            timeout=self._connect_timeout,
+            # per attempt: aiomqtt ignores a connection reset before CONNACK (e.g. a broker that dies while
+            # accepting), so a long value here would stall every reconnect after a broker restart
+            timeout=min(self._connect_timeout, CONNACK_TIMEOUT_S),
         )
         # our own flow control bounds in-flight requests; aiomqtt's warning at 10 pending publishes is noise
         client.pending_calls_threshold = 100_000
@@ -682,6 +685,7 @@ class Connection:
             try:
                 client = self._make_client()
                 async with client:
+                    client.timeout = self._connect_timeout  # operations (SUBACK, PUBACK) may take longer
                     self._client = client
                     path = self._path = _DataPath(client, self.client_id, self._max_queued, self.counters)
                     path.attach()

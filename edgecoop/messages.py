@@ -35,6 +35,8 @@ __all__ = [
 PRIVACY_CLASSES = ("public", "site", "private")
 _MAX_TEXT = 4096
 _MAX_LIST = 256
+#: integers are signed 64-bit (what SQLite stores and every float() takes)
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
 
 T = TypeVar("T")
 
@@ -56,6 +58,9 @@ def _typed(value: Any, typ: type[T] | tuple[type, ...], where: str) -> T:
     # bool is an int in Python; never accept it where a number is wanted
     if isinstance(value, bool) and typ in (int, float, (int, float)):
         raise SchemaError(f"{where}: expected a number, got a boolean")
+    if isinstance(value, int) and not _INT_MIN <= value <= _INT_MAX and typ in (int, float, (int, float)):
+        # JSON integers are unbounded and msgpack's go to 2**64-1: neither float() nor SQLite take them all
+        raise SchemaError(f"{where}: number out of range")
     if typ is float and isinstance(value, int):
         value = float(value)
     if not isinstance(value, typ):
@@ -80,6 +85,12 @@ def _ident(value: Any, where: str) -> str:
 def _str_list(d: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
     items = _opt(d, key, list, [], where)
     return tuple(_typed(i, str, f"{where}.{key}[]") for i in items)
+
+
+def _rid(value: str) -> str:
+    if len(value) > 200:
+        raise SchemaError("request.rid: longer than 200 characters")
+    return value
 
 
 def _map(value: Any, where: str) -> Mapping[str, Any]:
@@ -316,9 +327,12 @@ class Request:
     task_id: str = ""
     deadline_ms: int = 0
     stream: bool = False
+    #: request id of a durable request: stable across re-sends, so the agent executes it once and keeps the
+    #: result in its outbox until the requester acknowledges it
+    rid: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "v": WIRE_VERSION,
             "type": "request",
             "capability": self.capability,
@@ -327,6 +341,9 @@ class Request:
             "deadline_ms": self.deadline_ms,
             "stream": self.stream,
         }
+        if self.rid:
+            d["rid"] = self.rid
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, capability: str | None = None) -> Request:
@@ -340,6 +357,7 @@ class Request:
             _opt(d, "task_id", str, "", w),
             _opt(d, "deadline_ms", int, 0, w),
             _opt(d, "stream", bool, False, w),
+            _rid(_opt(d, "rid", str, "", w)),
         )
 
 

@@ -6,6 +6,7 @@ Mosquitto silently drops beyond ``max_queued_messages``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgecoop.connection import Connection, Message, props
-from edgecoop.errors import RemoteError, RequestTimeout, TopicError, WireError
+from edgecoop.errors import EdgecoopError, RemoteError, RequestTimeout, TopicError, WireError
 from edgecoop.messages import Request, Response
 from edgecoop.topics import Kind, Topics
 from edgecoop.wire import Format, decode, encode, sniff_format
@@ -30,6 +31,10 @@ class _Pending:
     future: asyncio.Future[Response]
     on_partial: PartialCallback | None
     agent_id: str
+    #: what was published, so it can be published again after a reconnect (the broker may have forgotten it)
+    topic: str = ""
+    payload: bytes = b""
+    properties: Any = None
 
 
 class Requester:
@@ -41,7 +46,15 @@ class Requester:
     which the site bridges route back (docs/scaling.md); subscribe to :meth:`site_subscription` too.
     """
 
-    def __init__(self, conn: Connection, topics: Topics, *, max_in_flight: int = 256, site: str | None = None) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        topics: Topics,
+        *,
+        max_in_flight: int = 256,
+        resend_interval: float = 2.0,
+        site: str | None = None,
+    ) -> None:
         self.conn = conn
         self.topics = topics
         self.reply_topic = topics.reply(conn.client_id)
@@ -50,6 +63,9 @@ class Requester:
         self._pending: dict[bytes, _Pending] = {}
         self._slots = asyncio.Semaphore(max_in_flight)
         self.late_replies = 0
+        self.resent = 0
+        self.acks_failed = 0
+        self.resend_interval = resend_interval
         self.bad_replies = 0
 
     @staticmethod
@@ -118,19 +134,35 @@ class Requester:
                 async with asyncio.timeout(timeout):
                     deadline_ms = int((time.time() + timeout) * 1000)
                     payload = encode({**request.to_dict(), "deadline_ms": deadline_ms})
-                    await self.conn.publish(
-                        topic,
-                        payload,
-                        qos=1,
-                        properties=props(
-                            ResponseTopic=reply_topic or self.reply_topic,
-                            CorrelationData=corr,
-                            ContentType=Format.MSGPACK.value,
-                            MessageExpiryInterval=max(1, int(timeout) + 1),
-                        ),
-                        wait=timeout,
+                    properties = props(
+                        ResponseTopic=reply_topic or self.reply_topic,
+                        CorrelationData=corr,
+                        ContentType=Format.MSGPACK.value,
+                        MessageExpiryInterval=max(1, int(timeout) + 1),
                     )
-                    return await pending.future
+                    pending.topic, pending.payload, pending.properties = topic, payload, properties
+                    if not request.rid:
+                        await self.conn.publish(topic, payload, qos=1, properties=properties, wait=timeout)
+                    else:
+                        with contextlib.suppress(EdgecoopError):  # link down: resent below and on reconnect
+                            await self.conn.publish(topic, payload, qos=1, properties=properties, wait=timeout)
+                    if not request.rid:
+                        response = await pending.future
+                    else:
+                        # Durable: at least once. A broker restart can drop the request or the reply without
+                        # anyone noticing, so publish again every resend_interval; the agent answers a repeat
+                        # from its outbox (or adds the route to the running execution), never runs it twice.
+                        while True:
+                            done, _ = await asyncio.wait({pending.future}, timeout=self.resend_interval)
+                            if done:
+                                response = pending.future.result()
+                                break
+                            self.resent += 1
+                            with contextlib.suppress(EdgecoopError):
+                                await self.conn.publish(topic, payload, qos=1, properties=properties, wait=timeout)
+                if request.rid and agent_id:
+                    await self._ack(agent_id, request.rid)
+                return response
             except TimeoutError as exc:
                 raise RequestTimeout(
                     f"no reply from {agent_id or topic} within {timeout:.1f}s",
@@ -140,6 +172,27 @@ class Requester:
             finally:
                 del self._pending[corr]
 
+    async def _ack(self, agent_id: str, rid: str) -> None:
+        """Tell the agent it may drop this result from its outbox (best effort: the outbox is bounded anyway)."""
+        try:
+            await self.conn.publish(self.topics.ack(agent_id), encode({"v": 1, "type": "ack", "rids": [rid]}), wait=1)
+        except (EdgecoopError, TimeoutError):
+            self.acks_failed += 1
+
+    async def resend(self, client: Any) -> int:
+        """Publish every pending request again (call from the connection's on_connect hook after a reconnect).
+
+        Durable requests carry a ``rid``, so an agent that did receive the first copy answers from its outbox
+        instead of executing twice; the correlation data is unchanged, so either answer resolves the call.
+        """
+        n = 0
+        for p in list(self._pending.values()):
+            if p.payload and not p.future.done():
+                await client.publish(p.topic, p.payload, qos=1, properties=p.properties)
+                n += 1
+        self.resent += n
+        return n
+
     async def request(
         self,
         agent_id: str,
@@ -148,14 +201,17 @@ class Requester:
         *,
         timeout: float = 10.0,
         task_id: str = "",
+        rid: str = "",
         on_partial: PartialCallback | None = None,
         site: str | None = None,
     ) -> Response:
         """Ask one agent; raise :class:`RemoteError` on an error reply, :class:`RequestTimeout` on no reply.
 
-        ``site`` is the agent's site (from its card): an agent of another site is reached through the site bridges.
+        With ``rid`` (a request id stable across retries) the request is durable: executed once by the agent,
+        kept in its outbox until this requester acknowledges the reply. ``site`` is the agent's site (from its
+        card): an agent of another site is reached through the site bridges.
         """
-        req = Request(capability, dict(input or {}), task_id=task_id, stream=on_partial is not None)
+        req = Request(capability, dict(input or {}), task_id=task_id, stream=on_partial is not None, rid=rid)
         topic, reply_topic = self.route(agent_id, capability, site)
         resp = await self.call(
             topic, req, timeout=timeout, agent_id=agent_id, on_partial=on_partial, reply_topic=reply_topic

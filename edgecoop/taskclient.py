@@ -1,44 +1,112 @@
-"""Submit a task to the orchestrator over MQTT and wait for its answer (what ``edgecoop task`` does).
+"""Submit tasks to the orchestrator over MQTT and wait for the answers (what ``edgecoop task`` does).
 
-This is the same exchange any MQTT client can do by hand (see the README's mosquitto_pub example).
+This is the same exchange any MQTT client can do by hand (see the README's mosquitto_pub example). The client
+is at-least-once: every task carries a ``task_id``, unanswered submissions are published again after a
+reconnect and every ``resend_interval`` seconds, and the orchestrator runs a task id once and answers repeats
+with the stored result.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import uuid
 from typing import Any
 
-from edgecoop.connection import BrokerSettings, Connection, Message, props
-from edgecoop.errors import RequestTimeout
+import aiomqtt
+
+from edgecoop.connection import BrokerSettings, Connection, Message, State, props
+from edgecoop.errors import EdgecoopError, RequestTimeout, WireError
 from edgecoop.topics import Topics
 from edgecoop.wire import Format, decode, encode
 
-__all__ = ["submit_task"]
+__all__ = ["TaskClient", "submit_task"]
+
+
+class TaskClient:
+    def __init__(
+        self, settings: BrokerSettings, *, topics: Topics | None = None, client_id: str | None = None,
+        resend_interval: float = 3.0,
+    ) -> None:  # fmt: skip
+        self.topics = topics or Topics()
+        self.client_id = client_id or f"task-{os.urandom(4).hex()}"
+        self.reply_topic = self.topics.reply(self.client_id)
+        self.resend_interval = resend_interval
+        self._pending: dict[str, tuple[bytes, asyncio.Future[dict[str, Any]]]] = {}
+        self.resent = 0
+        self.bad_replies = 0
+        self.conn = Connection(
+            settings, self.client_id, subscriptions=[(self.reply_topic, 1)], handler=self._on_message,
+            on_connect=self._on_connect,
+        )  # fmt: skip
+        self.state = State.NEW
+
+    async def __aenter__(self) -> TaskClient:
+        self.state = State.RUNNING
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        await self.conn.__aenter__()
+        self._resender = self._tg.create_task(self._resend_loop(), name=f"taskclient[{self.client_id}].resend")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.state = State.CLOSED
+        self._resender.cancel()
+        await self.conn.__aexit__(None, None, None)
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._tg.__aexit__(None, None, None)
+
+    def _props(self, task_id: str) -> Any:
+        return props(ResponseTopic=self.reply_topic, CorrelationData=task_id.encode(), ContentType=Format.MSGPACK.value)
+
+    async def _on_connect(self, client: aiomqtt.Client) -> None:
+        for task_id, (body, fut) in list(self._pending.items()):
+            if not fut.done():
+                await client.publish(self.topics.task_submit(), body, qos=1, properties=self._props(task_id))
+                self.resent += 1
+
+    async def _resend_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.resend_interval)
+            for task_id, (body, fut) in list(self._pending.items()):
+                if not fut.done():
+                    with contextlib.suppress(EdgecoopError):
+                        await self.conn.publish(
+                            self.topics.task_submit(), body, properties=self._props(task_id), wait=1
+                        )
+                        self.resent += 1
+
+    def _on_message(self, message: Message) -> None:
+        corr = getattr(message.properties, "CorrelationData", None)
+        entry = self._pending.get(corr.decode(errors="replace")) if isinstance(corr, bytes) else None
+        if entry is None or entry[1].done():
+            return
+        try:
+            entry[1].set_result(decode(message.payload if isinstance(message.payload, bytes) else b"")[0])
+        except WireError:
+            self.bad_replies += 1
+
+    async def submit(
+        self, question: str, *, task_id: str | None = None, timeout: float = 120.0, **fields: Any
+    ) -> dict[str, Any]:
+        task_id = task_id or uuid.uuid4().hex[:16]
+        body = encode({"question": question, "task_id": task_id, **{k: v for k, v in fields.items() if v is not None}})
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[task_id] = (body, fut)
+        try:
+            with contextlib.suppress(EdgecoopError):  # not connected right now: the resend loop will publish it
+                await self.conn.publish(self.topics.task_submit(), body, properties=self._props(task_id), wait=5)
+            async with asyncio.timeout(timeout):
+                return await fut
+        except TimeoutError as exc:
+            raise RequestTimeout(f"no answer from the orchestrator within {timeout:.0f}s (is it running?)") from exc
+        finally:
+            del self._pending[task_id]
 
 
 async def submit_task(
     settings: BrokerSettings, question: str, *, topics: Topics | None = None, timeout: float = 120.0, **fields: Any
 ) -> dict[str, Any]:
-    topics = topics or Topics()
-    cid = f"task-{os.urandom(4).hex()}"
-    reply = topics.reply(cid)
-    corr = os.urandom(8)
-    fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-
-    def on_message(message: Message) -> None:
-        if getattr(message.properties, "CorrelationData", None) == corr and not fut.done():
-            payload = message.payload if isinstance(message.payload, bytes) else b""
-            fut.set_result(decode(payload)[0])
-
-    async with Connection(settings, cid, subscriptions=[(reply, 1)], handler=on_message, clean_start=True) as conn:
-        body = {"question": question, **{k: v for k, v in fields.items() if v is not None}}
-        await conn.publish(
-            topics.task_submit(), encode(body), properties=props(ResponseTopic=reply, CorrelationData=corr,
-                                                                  ContentType=Format.MSGPACK.value)
-        )  # fmt: skip
-        try:
-            async with asyncio.timeout(timeout):
-                return await fut
-        except TimeoutError as exc:
-            raise RequestTimeout(f"no answer from the orchestrator within {timeout:.0f}s (is it running?)") from exc
+    async with TaskClient(settings, topics=topics) as client:
+        return await client.submit(question, timeout=timeout, **fields)

@@ -8,6 +8,7 @@ Contract (``<p>`` is the namespace prefix, default ``edgecoop/v1``)::
     <p>/agents/<agent>/ha/<sensor>       JSON mirror of readings for Home Assistant (opt-in), not retained
     <p>/agents/<agent>/ha/status         retained JSON mirror of the status for Home Assistant (opt-in)
     <p>/agents/<agent>/req/<capability>  requests to one agent (MQTT 5 Response Topic + Correlation Data)
+    <p>/agents/<agent>/ack               acknowledgements of durable results (the agent empties its outbox)
     <p>/pool/<capability>                requests to a worker pool ($share/<group>/... subscription)
     <p>/reply/<client>                   replies to one requester
     <p>/sites/<site>/agents/<agent>/req/<capability>   a request to an agent at another site (bridged)
@@ -86,6 +87,7 @@ class Kind(enum.StrEnum):
     TASK_SUBMIT = "submit"
     TASK_EVENT = "events"
     ORCHESTRATOR_STATUS = "orchestrator_status"
+    ACK = "ack"
     HA_STATE = "ha_state"
     HA_STATUS = "ha_status"
 
@@ -119,6 +121,10 @@ class Topics:
 
     def data(self, agent_id: str, sensor: str) -> str:
         return f"{self.prefix}/agents/{validate_id(agent_id, 'agent id')}/data/{validate_id(sensor, 'sensor')}"
+
+    def ack(self, agent_id: str) -> str:
+        """Requesters acknowledge durable results here, so the agent can drop them from its outbox."""
+        return f"{self.prefix}/agents/{validate_id(agent_id, 'agent id')}/ack"
 
     def ha_state(self, agent_id: str, sensor: str) -> str:
         """JSON mirror of one sensor's readings for Home Assistant (``status`` is reserved)."""
@@ -198,6 +204,8 @@ class Topics:
                 return ParsedTopic(Kind.STATUS, validate_id(agent, "agent id"))
             case ["agents", agent, "data", sensor]:
                 return ParsedTopic(Kind.DATA, validate_id(agent, "agent id"), validate_id(sensor, "sensor"))
+            case ["agents", agent, "ack"]:
+                return ParsedTopic(Kind.ACK, validate_id(agent, "agent id"))
             case ["agents", agent, "ha", "status"]:
                 return ParsedTopic(Kind.HA_STATUS, validate_id(agent, "agent id"))
             case ["agents", agent, "ha", sensor]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -32,7 +33,12 @@ log = logging.getLogger(__name__)
 Emit = Callable[[str, Mapping[str, Any]], Awaitable[None]]
 #: computation and knowledge steps prefer a nearer agent unless a farther one matches the need twice as well
 NEAR_BAND = 0.5
-MAX_ATTEMPTS = 3
+MAX_ATTEMPTS = 3  # agents tried per round
+MAX_ROUNDS = 4  # rounds of attempts when failures were transient (agent offline, broker link down)
+AGENT_GRACE_S = 10.0
+PLACE_BOUND = frozenset(
+    {"sensor", "camera"}
+)  # kinds whose answer depends on where the agent is  # how long a step waits for a capable agent to (re)appear
 
 
 class StepFailed(EdgecoopError):
@@ -180,7 +186,8 @@ class Engine:
         try:
             results = await self._execute(run, plan)
         except StepFailed as exc:
-            return TaskOutcome("failed", None, "cloud", run.c, self._describe(plan), reason=f"cloud failed: {exc}")
+            why = f"{reason}; cloud failed: {exc}" if reason != "strategy" else f"cloud failed: {exc}"
+            return TaskOutcome("failed", None, "cloud", run.c, self._describe(plan), reason=why)
         # whatever the intent, a cloud answer is the model's text (no structured value to trust)
         answer = Answer(str(results["cloud"].get("text", "")).strip() or "(empty answer)", confidence=0.95)
         return TaskOutcome("done", answer, "cloud", run.c, self._describe(plan), reason=reason)
@@ -221,37 +228,86 @@ class Engine:
             found = await self.mirror.discover(DiscoveryQuery(need=q.need, kind=step.kind, limit=50))
         if run.c.privacy == "private":
             found = [m for m in found if m.card.get("privacy") in ("private", "site") and step.kind != "cloud"]
+        if run.strategy.semantic and run.c.place and step.kind in PLACE_BOUND:
+            # Data about a named place comes from agents at that place. If the only such agent is offline
+            # right now, wait for it (no candidates) rather than answer with another place's data.
+            here = [m for m in found if m.card.get("location", {}).get("name") == run.c.place]
+            if here:
+                return here
+            everywhere = await self.mirror.discover(dataclasses.replace(q, online_only=False))
+            if any(m.card.get("location", {}).get("name") == run.c.place for m in everywhere):
+                return []
         return found
 
-    async def _step(self, run: _Run, step: Step, results: Mapping[str, Any]) -> Any:
+    async def _wait_for_change(self, seconds: float) -> None:
+        """Wait until the CMS changes (an agent came back, a card arrived) or ``seconds`` pass."""
+        if seconds <= 0:
+            return
+        version = self.mirror.version
+        with contextlib.suppress(TimeoutError):
+            await self.mirror.wait_for(lambda _store: self.mirror.version != version, timeout=seconds)
+
+    async def _live_candidates(self, run: _Run, step: Step) -> list[Match]:
+        """Candidates now, or - when there are none, e.g. while agents reconnect after a broker restart - as soon
+        as some appear, within AGENT_GRACE_S and the task deadline."""
         candidates = await self._candidates(run, step)
-        if not candidates:
-            raise StepFailed(f"no online agent offers {step.kind}" + (f" ({step.modality})" if step.modality else ""))
-        ordered = run.strategy.order(candidates, f"{step.kind}:{step.modality or ''}")
-        if run.strategy.semantic:  # nearest site first among equally relevant agents (data: exact ties)
-            ordered = self.sites.near_first(ordered, band=0.0 if step.modality else NEAR_BAND)
-        if step.fanout:
-            outs = await asyncio.gather(
-                *(self._call(run, step, m, results, 0) for m in ordered), return_exceptions=True
-            )
-            ok = [(m.agent_id, o) for m, o in zip(ordered, outs, strict=True) if not isinstance(o, BaseException)]
-            if not ok:
-                raise StepFailed(f"{step.name}: every agent failed")
-            return ok
-        errors = []
-        for attempt, m in enumerate(ordered[:MAX_ATTEMPTS]):
-            try:
-                return await self._call(run, step, m, results, attempt)
-            except (RequestError, BrokerError, TopicError) as exc:
-                errors.append(f"{m.agent_id}: {exc}")  # re-dispatch to the next candidate
-        raise StepFailed(f"{step.name} failed on {len(errors)} agent(s): " + "; ".join(errors))
+        give_up = time.monotonic() + min(AGENT_GRACE_S, max(0.0, run.remaining() - 1.0))
+        while not candidates and time.monotonic() < give_up:
+            await self._wait_for_change(give_up - time.monotonic())
+            candidates = await self._candidates(run, step)
+        return candidates
+
+    async def _step(self, run: _Run, step: Step, results: Mapping[str, Any]) -> Any:
+        errors: list[str] = []
+        for _round in range(MAX_ROUNDS):
+            candidates = await self._live_candidates(run, step)
+            if not candidates:
+                detail = "; ".join(errors[-3:])
+                kind = step.kind + (f" ({step.modality})" if step.modality else "")
+                raise StepFailed(f"no online agent offers {kind}" + (f" (after: {detail})" if detail else ""))
+            ordered = run.strategy.order(candidates, f"{step.kind}:{step.modality or ''}")
+            if run.strategy.semantic:  # nearest site first among equally relevant agents (data: exact ties)
+                ordered = self.sites.near_first(ordered, band=0.0 if step.modality else NEAR_BAND)
+            if step.fanout:
+                outs = await asyncio.gather(
+                    *(self._call(run, step, m, results, 0) for m in ordered), return_exceptions=True
+                )
+                ok = [(m.agent_id, o) for m, o in zip(ordered, outs, strict=True) if not isinstance(o, BaseException)]
+                if not ok:
+                    raise StepFailed(f"{step.name}: every agent failed")
+                return ok
+            if run.strategy.semantic and step.need and ordered[0].score > 0:
+                # A place-specific need (the PM2.5 *at City Park*): only equally good matches may stand in.
+                # Another station's reading would be an answer to a different question.
+                ordered = [m for m in ordered if m.score >= ordered[0].score - 1e-9]
+            transient = False
+            for attempt, m in enumerate(ordered[:MAX_ATTEMPTS]):
+                try:
+                    return await self._call(run, step, m, results, attempt)
+                except (AgentWentOffline, BrokerError) as exc:
+                    transient = True  # the agent (or our link) is gone for now; it may well come back
+                    errors.append(f"{m.agent_id}: {exc}")
+                except (RequestError, TopicError) as exc:
+                    errors.append(f"{m.agent_id}: {exc}")  # re-dispatch to the next candidate
+            if not transient or run.remaining() < 1.0:
+                break
+            await self._wait_for_change(min(AGENT_GRACE_S, run.remaining() - 1.0))
+        raise StepFailed(f"{step.name} failed on {len(errors)} attempt(s): " + "; ".join(errors[-6:]))
 
     async def _request_unless_offline(
-        self, agent_id: str, cap: str, data: dict[str, Any], timeout: float, task_id: str, *, site: str | None = None
+        self,
+        agent_id: str,
+        cap: str,
+        data: dict[str, Any],
+        timeout: float,
+        task_id: str,
+        rid: str,
+        *,
+        site: str | None = None,
     ) -> Any:
         """Dispatch, but give up as soon as the agent is reported dead: re-dispatch need not wait for the deadline."""
         request = asyncio.ensure_future(
-            self.requester.request(agent_id, cap, data, timeout=timeout, task_id=task_id, site=site)
+            self.requester.request(agent_id, cap, data, timeout=timeout, task_id=task_id, rid=rid, site=site)
         )
         watch = asyncio.ensure_future(_watch_offline(self.mirror, agent_id))
         try:
@@ -293,13 +349,16 @@ class Engine:
             entry |= self.sites.annotate(m.card)
         pool = "" if self.sites.is_remote(m.card.get("site")) else _pool(m.card, cap)  # pools are site-local
         try:
+            # the request id is the same every time this task asks this agent for this step - also after an
+            # orchestrator restart - so the agent executes it once and answers re-sends from its outbox
+            rid = f"{run.spec.task_id}.{step.name}.{m.agent_id}"
             if pool:
                 entry["agent"] = f"pool:{pool}"  # whichever worker takes it; the answer names it
                 resp = await self._pool_request_unless_offline(pool, cap, data, timeout, run.spec.task_id)
                 entry["agent"] = resp.agent_id or entry["agent"]
             else:
                 resp = await self._request_unless_offline(
-                    m.agent_id, cap, data, timeout, run.spec.task_id, site=m.card.get("site")
+                    m.agent_id, cap, data, timeout, run.spec.task_id, rid, site=m.card.get("site")
                 )
         except (RequestError, BrokerError, TopicError) as exc:
             entry |= {"ok": False, "ms": round((time.monotonic() - t0) * 1000, 2), "error": str(exc)}

@@ -53,11 +53,11 @@ def parse_submission(data: Mapping[str, Any]) -> dict[str, Any]:
         except TopicError as exc:
             raise SchemaError(f"task: {exc}") from exc
     if (p := data.get("privacy")) is not None:
-        if p not in ("public", "site", "private"):
+        if not isinstance(p, str) or p not in ("public", "site", "private"):
             raise SchemaError("task: 'privacy' must be public, site or private")
         out["privacy"] = p
     if (s := data.get("strategy")) is not None:
-        if s not in STRATEGIES:
+        if not isinstance(s, str) or s not in STRATEGIES:  # a list or map is unhashable: no `in` on a dict
             raise SchemaError(f"task: unknown strategy {s!r}; one of {', '.join(STRATEGIES)}")
         out["strategy"] = s
     if (d := data.get("deadline_s")) is not None:
@@ -132,6 +132,8 @@ class Orchestrator:
     async def _on_connect(self, client: aiomqtt.Client) -> None:
         payload = encode(Status(self.orchestrator_id, True, self._epoch).to_dict())
         await client.publish(self.topics.orchestrator_status(self.orchestrator_id), payload, qos=1, retain=True)
+        # after a reconnect the broker may have forgotten requests (and replies) in flight: publish them again
+        self.counters["resent"] += await self.requester.resend(client)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     async def __aenter__(self) -> Orchestrator:
