@@ -146,7 +146,9 @@ def _run_async(fn: Callable[[], Any]) -> int:
 def cmd_cms_query(args: argparse.Namespace) -> int:
     from edgecoop.cms import DiscoveryQuery
     from edgecoop.mirror import CmsMirror
+    from edgecoop.sites import SiteCosts, parse_site_costs
 
+    costs = SiteCosts(args.from_site, parse_site_costs(args.site_costs or []))
     q = DiscoveryQuery(
         need=args.need or "", kind=args.kind, modality=args.modality, domain=args.domain, site=args.site,
         cooperation=args.cooperation, online_only=not args.all, limit=args.limit,
@@ -158,14 +160,16 @@ def cmd_cms_query(args: argparse.Namespace) -> int:
             matches = await mirror.discover(q)
             snapshot = await mirror.snapshot()
         if args.json:
-            print(json.dumps([{**m.to_dict(), "online": snapshot.get(m.agent_id, {}).get("online")} for m in matches]))
+            print(json.dumps([{**m.to_dict(), "online": snapshot.get(m.agent_id, {}).get("online")}
+                              | (costs.annotate(m.card) if args.from_site else {}) for m in matches]))  # fmt: skip
             return
         if not matches:
             print("no matching agents")
         for m in matches:
             caps = ", ".join(f"{c['name']}({c['kind']})" for c in m.card.get("capabilities", []))
             online = "online" if snapshot.get(m.agent_id, {}).get("online") else "offline"
-            print(f"{m.score:8.3f}  {m.agent_id:<24} {m.card.get('site', ''):<14} {online:<8} {caps}")
+            cost = f"cost {costs.cost(m.card.get('site')):<5g} " if args.from_site else ""
+            print(f"{m.score:8.3f}  {m.agent_id:<24} {m.card.get('site', ''):<14} {cost}{online:<8} {caps}")
             if m.card.get("description"):
                 print(f"          {m.card['description']}")
 
@@ -366,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--modality", help="sensor modality, e.g. pm25, camera, heart_rate")
     q.add_argument("--domain", help="knowledge domain")
     q.add_argument("--site", help="only agents of this site")
+    q.add_argument("--from-site", help="show each agent's network cost as seen from this site")
+    q.add_argument("--site-cost", dest="site_costs", action="append", metavar="SITE=COST",
+                   help="with --from-site: cost of reaching another site (repeatable; unlisted sites cost 5)")  # fmt: skip
     q.add_argument("--all", action="store_true", help="include offline agents")
     q.add_argument("--limit", type=int, default=10, help="at most this many results")
     q.add_argument("--json", action="store_true", help="print JSON")

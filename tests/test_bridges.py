@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -196,6 +198,17 @@ async def test_late_joiner_at_site_a_sees_site_b_and_cloud_cards(fed: Federation
         await late.wait_for(lambda s: s.count(online=True) == 5, timeout=20)
         sites = {a: c["site"] for a, c in (await late.snapshot()).items()}
     assert sites == {"cam-b0": "b", "cam-b1": "b", "cam-b2": "b", "llm-cloud": "cloud", "kb-a": "a"}
+    # the CLI marks each agent with its site and the network cost of reaching it from here
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edgecoop.cli", "cms", "query", "--broker", fed.settings("a").url,
+        "--prefix", fed.topics.prefix, "--from-site", "a", "--site-cost", "b=1", "--json",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    costs = {r["agent_id"]: (r["site"], r["network_cost"]) for r in json.loads(out)}
+    assert costs == {"cam-b0": ("b", 1.0), "cam-b1": ("b", 1.0), "cam-b2": ("b", 1.0), "llm-cloud": ("cloud", 5.0),
+                     "kb-a": ("a", 0.0)}  # fmt: skip
 
 
 def _air(fed: Federation, agent_id: str, site: str) -> Agent:
