@@ -68,7 +68,7 @@ class ScaleParams:
 
     @classmethod
     def quick(cls, agents: int = 50) -> ScaleParams:
-        return cls(agents=agents, per_process=25, queries=60, dispatch=600, in_flight=32)
+        return cls(agents=agents, per_process=max(25, math.ceil(agents / 4)), queries=60, dispatch=600, in_flight=32)
 
 
 # -- the agents' side (helper processes) -------------------------------------------------------------------
