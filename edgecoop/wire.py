@@ -14,8 +14,10 @@ tens of megabytes from a small hostile payload (field notes):
 from __future__ import annotations
 
 import enum
+import gc
 import json
 import math
+import re
 from typing import Any
 
 import msgpack
@@ -39,6 +41,12 @@ MAX_PAYLOAD = 256 * 1024
 #: Deepest nesting of maps/arrays accepted.
 MAX_DEPTH = 32
 _MAX_CONTAINER = 65_536
+_INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1  # msgpack's integer range
+#: Above this size, decoding pauses the cyclic GC: a 256 KiB payload of empty maps is 262,144 containers, and
+#: the collections their allocation triggers (each one walking the whole heap) cost more than decoding them.
+_GC_PAUSE_OVER = 16 * 1024
+#: A JSON escape that may denote half a surrogate pair (``\ud800``): only then are strings walked for them.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class Format(enum.StrEnum):
@@ -67,6 +75,14 @@ def _reject_constant(name: str) -> Any:
     raise WireError(f"JSON constant {name} is not allowed")
 
 
+def _json_int(text: str) -> int:
+    """JSON integers are unbounded; keep those msgpack can carry (an agent re-encodes what it received)."""
+    value = int(text)
+    if not _INT_MIN <= value <= _UINT_MAX:
+        raise WireError(f"JSON integer of {len(text)} digits is out of range")
+    return value
+
+
 #: exact types that need no look inside (what decoders produce for everything but maps, arrays and floats)
 _LEAVES = frozenset({str, int, bool, bytes, type(None)})
 
@@ -83,16 +99,33 @@ def _check(value: Any, depth: int = 0) -> None:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise WireError(f"map key {key!r} is not a string")
-            if type(item) in _LEAVES and depth < MAX_DEPTH:
+            if (type(item) in _LEAVES or not item) and depth < MAX_DEPTH:  # falsy: empty, 0, 0.0 (NaN is truthy)
                 continue
             _check(item, depth + 1)
     elif isinstance(value, list):
         for item in value:
-            if type(item) in _LEAVES and depth < MAX_DEPTH:
+            if (type(item) in _LEAVES or not item) and depth < MAX_DEPTH:
                 continue
             _check(item, depth + 1)
     elif isinstance(value, float) and not math.isfinite(value):
         raise WireError("non-finite float in payload")
+
+
+def _check_utf8(value: Any) -> None:
+    """Reject strings holding half a surrogate pair (JSON ``"\\ud800"``): they cannot be re-encoded as UTF-8."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise WireError("JSON string holds a lone surrogate (not valid UTF-8)") from exc
 
 
 def decode(
@@ -106,9 +139,16 @@ def decode(
     if not payload:
         raise WireError("empty payload")
     fmt = sniff_format(bytes(payload), content_type)
+    pause_gc = len(payload) > _GC_PAUSE_OVER and gc.isenabled()
+    if pause_gc:
+        gc.disable()
     try:
         if fmt is Format.JSON:
-            value = json.loads(payload, parse_constant=_reject_constant)
+            # strict UTF-8 ourselves: json.loads(bytes) would also take UTF-16/32 and encoded surrogates
+            text = bytes(payload).decode("utf-8")
+            value = json.loads(text, parse_constant=_reject_constant, parse_int=_json_int)
+            if "\\u" in text and _SURROGATE_ESCAPE.search(text):
+                _check_utf8(value)
         else:
             value = msgpack.unpackb(
                 payload,
@@ -130,6 +170,9 @@ def decode(
         raise WireError(f"undecodable {fmt.name} payload: {exc}") from exc
     except Exception as exc:  # msgpack raises a few odd types on hostile input; never crash the caller
         raise WireError(f"undecodable {fmt.name} payload: {type(exc).__name__}: {exc}") from exc
+    finally:
+        if pause_gc:
+            gc.enable()
     if not isinstance(value, dict):
         raise SchemaError(f"payload must be a map, got {type(value).__name__}")
     _check(value)
@@ -147,10 +190,13 @@ def _json_default(value: object) -> Any:
 
 def encode(obj: dict[str, Any], fmt: Format = Format.MSGPACK) -> bytes:
     """Encode a message dict; the result is always within :data:`MAX_PAYLOAD` or raises."""
-    if fmt is Format.JSON:
-        data = json.dumps(obj, separators=(",", ":"), allow_nan=False, default=_json_default).encode()
-    else:
-        data = msgpack.packb(obj, use_bin_type=True, datetime=False)
+    try:
+        if fmt is Format.JSON:
+            data = json.dumps(obj, separators=(",", ":"), allow_nan=False, default=_json_default).encode()
+        else:
+            data = msgpack.packb(obj, use_bin_type=True, datetime=False)
+    except (TypeError, ValueError, OverflowError) as exc:  # NaN, lone surrogates, 2**64, a set: say so, typed
+        raise SchemaError(f"cannot encode as {fmt.name}: {type(exc).__name__}: {exc}") from exc
     if len(data) > MAX_PAYLOAD:
         raise PayloadTooLarge(len(data), MAX_PAYLOAD)
     return data
