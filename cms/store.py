@@ -242,6 +242,26 @@ class CmsStore:
         for table in ("agents", "capabilities", "sensors", "domains"):
             conn.execute(f"DELETE FROM {table} WHERE agent_id = ?", (agent_id,))
 
+    def reconcile(self, cards: set[str], statuses: set[str]) -> int:
+        """Drop every card/status the broker no longer holds: after a (re)subscribe, ``cards``/``statuses`` are the
+        agents whose retained messages were re-delivered. A card deleted while this mirror was away (an empty
+        retained payload is never re-delivered) would otherwise stay here forever."""
+        self._check_thread()
+        conn = self.db.conn
+        stale_cards = [r[0] for r in conn.execute("SELECT agent_id FROM agents") if r[0] not in cards]
+        stale_status = [r[0] for r in conn.execute("SELECT agent_id FROM status") if r[0] not in statuses]
+        conn.execute("BEGIN")
+        try:
+            for agent_id in stale_cards:
+                self._delete_card(conn, agent_id)
+            conn.executemany("DELETE FROM status WHERE agent_id = ?", [(a,) for a in stale_status])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self.counters["reconciled"] += len(stale_cards) + len(stale_status)
+        return len(stale_cards) + len(stale_status)
+
     def _put_status(self, conn: sqlite3.Connection, st: Status, now: float) -> bool:
         row = conn.execute("SELECT epoch FROM status WHERE agent_id = ?", (st.agent_id,)).fetchone()
         if row is not None and row[0] > st.epoch:

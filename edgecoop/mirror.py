@@ -18,7 +18,7 @@ from typing import Any
 from edgecoop.cms.discovery import DiscoveryQuery, Match, Ranker
 from edgecoop.cms.store import CmsStore, Update
 from edgecoop.connection import BrokerSettings, Connection, Message, State
-from edgecoop.errors import TopicError, WireError
+from edgecoop.errors import EdgecoopError, TopicError, WireError
 from edgecoop.messages import CapabilityCard, Status
 from edgecoop.topics import Kind, Topics
 from edgecoop.wire import decode
@@ -53,11 +53,15 @@ class CmsMirror:
         self._barriers: dict[bytes, asyncio.Future[None]] = {}
         self.changed = asyncio.Condition()
         self.version = 0
+        # agents whose retained card/status arrived since the last (re)subscribe; worker thread only
+        self._seen: tuple[set[str], set[str]] | None = None
+        self._reconciled = asyncio.Event()
         self.conn = Connection(
             settings,
             self.client_id,
             subscriptions=[(self.topics.all_cards(), 1), (self.topics.all_status(), 1), (self._barrier_topic, 1)],
             handler=self._on_message,
+            on_connect=self._on_connect,
             clean_start=True,  # a mirror rebuilds from retained state; no queued backlog wanted
             # Never drop: the retained set arrives in one burst, partly before the last SUBACK (when nothing
             # drains the inbox yet), and a dropped card would silently never be mirrored. Its size is bounded
@@ -85,10 +89,45 @@ class CmsMirror:
         self._flusher = self._tg.create_task(self._flush_loop(), name=f"cms[{self.client_id}].flush")
         try:
             await self.conn.__aenter__()
+            async with asyncio.timeout(60):
+                await self._reconciled.wait()  # entered = the mirror equals the broker's retained state
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
         return self
+
+    async def _on_connect(self, client: Any) -> None:
+        """Every (re)subscribe re-delivers the whole retained set: afterwards, forget what was not in it."""
+
+        def start() -> None:
+            self._seen = (set(), set())
+
+        await self._worker.run(start)
+        self._reconciled.clear()
+        self._tg.create_task(self._reconcile_after_burst(), name=f"cms[{self.client_id}].reconcile")
+
+    async def _reconcile_after_burst(self) -> None:
+        try:
+            await self.sync(timeout=60)  # the barrier arrives after every retained message of this subscribe
+        except (TimeoutError, EdgecoopError) as exc:
+            log.warning("cms mirror: no reconciliation after reconnect (%s); will retry on the next one", exc)
+            return
+
+        def reconcile() -> int:
+            assert self.store is not None
+            if self._seen is None:
+                return 0
+            cards, statuses = self._seen
+            self._seen = None
+            return self.store.reconcile(cards, statuses)
+
+        dropped = await self._worker.run(reconcile)
+        self.counters["reconciled"] += dropped
+        if dropped:
+            self.version += 1
+            async with self.changed:
+                self.changed.notify_all()
+        self._reconciled.set()
 
     async def __aexit__(self, *exc: object) -> None:
         if self.state is State.CLOSED:
@@ -147,6 +186,8 @@ class CmsMirror:
                 counts["bad_topic"] += 1
                 continue
             agent = parsed.owner
+            if self._seen is not None and payload:
+                self._seen[0 if parsed.kind is Kind.CARD else 1].add(agent)
             if not payload:
                 updates.append(
                     Update(agent, delete_card=parsed.kind is Kind.CARD, delete_status=parsed.kind is Kind.STATUS)
