@@ -10,11 +10,13 @@ from edgecoop.topics import DEFAULT_PREFIX, validate_id, validate_prefix
 __all__ = ["bridge_config", "development_config", "production_acl", "production_config"]
 
 # Explicit limits instead of Mosquitto's defaults; our payload cap is 256 KiB (edgecoop.wire.MAX_PAYLOAD).
+# max_queued_messages also bounds the retained burst a late joiner receives (a card and a status per agent):
+# keep it above twice the number of agents, or a CMS mirror silently misses cards (field notes: drops are silent).
 _LIMITS = """\
 max_packet_size 1048576
 max_inflight_messages 20
-max_queued_messages 5000
-max_queued_bytes 67108864
+max_queued_messages 50000
+max_queued_bytes 134217728
 max_keepalive 120
 set_tcp_nodelay true
 """
