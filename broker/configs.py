@@ -126,6 +126,8 @@ pattern write {p}/agents/%u/card
 pattern write {p}/agents/%u/status
 pattern write {p}/agents/%u/data/#
 pattern read {p}/agents/%u/req/#
+# acknowledgements of its durable results (written by the orchestrator): without them the outbox never empties
+pattern read {p}/agents/%u/ack
 pattern readwrite {p}/reply/%u
 pattern write {p}/reply/+
 pattern write {p}/agents/+/req/#

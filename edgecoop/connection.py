@@ -25,13 +25,14 @@ from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as mqtt
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.exception import MalformedPacket, MQTTException
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edgecoop.errors import BrokerError, ConnectError
+from edgecoop.errors import BrokerError, ConnectError, PublishRejected
 
 __all__ = ["BrokerSettings", "Connection", "Message", "State", "props"]
 
@@ -69,6 +70,15 @@ class BrokerSettings:
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
+
+
+#: CONNACK reason codes that retrying with the same settings cannot fix: unsupported protocol version, client id
+#: not valid, bad user name or password, not authorized, banned, bad authentication method
+_REFUSED_FOR_GOOD = frozenset({0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C})
+
+
+def _reason_value(rc: int | ReasonCode | None) -> int:
+    return rc.value if isinstance(rc, ReasonCode) else -1  # MQTT 3.1.1 return codes: never ours (always v5)
 
 
 def _reraise_cancellation(exc: BaseException | None) -> None:
@@ -415,9 +425,14 @@ class _DataPath:
         finally:
             if self._acks.get(mid) is fut:
                 del self._acks[mid]
-        if reason.is_failure:  # e.g. 0x87 not authorized: the broker did not take the message
+        if reason.is_failure:
+            # The broker did not take the message: 0x87 Not authorized (ACL), 0x95 Packet too large, ... aiomqtt
+            # 2.5 drops PUBACK reason codes, so they are seen here: paho's public on_publish callback
+            # (CallbackAPIVersion 2 passes the reason code) resolves this publish's future by message id
+            # (_on_publish below). No private aiomqtt override, and nothing extra per publish on success.
             self._counters.extra["puback_failures"] = self._counters.extra.get("puback_failures", 0) + 1
             log.debug("%s: PUBACK %s for %s", self.client_id, reason, topic)
+            raise PublishRejected(topic, str(reason), int(reason.value))
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Properties
@@ -614,6 +629,7 @@ class Connection:
         self.connected = asyncio.Event()
         self._first_attempt_done = asyncio.Event()
         self._first_error: BaseException | None = None
+        self._refused: MqttConnectError | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._task: asyncio.Task[None]
         self.state = State.NEW
@@ -629,11 +645,20 @@ class Connection:
         self._task = self._tg.create_task(self._supervise(), name=f"connection[{self.client_id}].supervise")
         try:
             async with asyncio.timeout(self._connect_timeout):
-                await self.connected.wait()
+                await self._first_attempt_done.wait()  # connected, or refused for good (bad credentials...)
+                if self._refused is None:
+                    await self.connected.wait()
         except TimeoutError as exc:
             await self.__aexit__(None, None, None)
             detail = f": {self._first_error}" if self._first_error else ""
             raise ConnectError(f"could not connect to {self.settings.url} as {self.client_id!r}{detail}") from exc
+        if self._refused is not None:
+            await self.__aexit__(None, None, None)
+            rc = self._refused.rc
+            raise ConnectError(
+                f"{self.settings.url} refused {self.client_id!r} (user {self.settings.username!r}): {rc}",
+                reason_code=rc.value if isinstance(rc, ReasonCode) else None,
+            ) from self._refused
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -696,6 +721,7 @@ class Connection:
                     if self._on_connect is not None:
                         await self._on_connect(client)
                     self.connected.set()
+                    self._first_attempt_done.set()
                     log.debug("%s connected to %s", self.client_id, self.settings.url)
                     inbox = path.inbox
                     path.receiving = True
@@ -706,7 +732,15 @@ class Connection:
             except aiomqtt.MqttError as exc:
                 _reraise_cancellation(exc)
                 self._first_error = self._first_error or exc
-                log.info("%s: connection to %s lost or refused: %s", self.client_id, self.settings.url, exc)
+                if isinstance(exc, MqttConnectError) and _reason_value(exc.rc) in _REFUSED_FOR_GOOD:
+                    self.counters.extra["connect_refused"] = self.counters.extra.get("connect_refused", 0) + 1
+                    if not self.counters.connects:  # never connected: wrong settings, retrying cannot help
+                        self._refused = exc
+                        self._first_attempt_done.set()
+                        return
+                    log.warning("%s: %s refused the reconnect: %s", self.client_id, self.settings.url, exc)
+                else:
+                    log.info("%s: connection to %s lost or refused: %s", self.client_id, self.settings.url, exc)
             finally:
                 if self.connected.is_set():
                     self.counters.disconnects += 1
@@ -752,7 +786,11 @@ class Connection:
         properties: Properties | None = None,
         wait: float | None = 30.0,
     ) -> None:
-        """Publish, waiting up to ``wait`` seconds for a connection; QoS 1 waits for the PUBACK."""
+        """Publish, waiting up to ``wait`` seconds for a connection; QoS 1 waits for the PUBACK.
+
+        Raises :class:`~edgecoop.errors.PublishRejected` when the PUBACK carries a failure reason code (0x87 Not
+        authorized by the broker's ACL, 0x95 Packet too large, ...): the broker did not take the message.
+        """
         if self.state is State.CLOSED:
             raise BrokerError(f"{self.client_id}: connection is closed")
         path = self._path

@@ -86,14 +86,22 @@ class BrokerError(EdgecoopError):
 class ConnectError(BrokerError):
     code = "connect"
 
+    def __init__(self, message: str, *, reason_code: int | None = None) -> None:
+        super().__init__(message)
+        #: the broker's CONNACK reason code when it refused us (0x86 bad user name or password, 0x87 ...)
+        self.reason_code = reason_code
+
 
 class PublishRejected(BrokerError):
     code = "publish_rejected"
 
-    def __init__(self, topic: str, reason: str) -> None:
-        super().__init__(f"broker rejected publish on {topic!r}: {reason}")
+    def __init__(self, topic: str, reason: str, reason_code: int = 0) -> None:
+        detail = f" (0x{reason_code:02X})" if reason_code else ""
+        super().__init__(f"broker rejected publish on {topic!r}: {reason}{detail}")
         self.topic = topic
         self.reason = reason
+        #: the MQTT 5 PUBACK reason code, e.g. 0x87 Not authorized, 0x95 Packet too large
+        self.reason_code = reason_code
 
 
 class RequestError(EdgecoopError):

@@ -39,6 +39,7 @@ class CmsMirror:
         client_id: str | None = None,
         ranker: Ranker | None = None,
         ranker_factory: Any = None,
+        connection: Connection | None = None,
     ) -> None:
         self.topics = topics or Topics()
         self.client_id = client_id or f"cms-{os.urandom(4).hex()}"
@@ -56,10 +57,23 @@ class CmsMirror:
         # agents whose retained card/status arrived since the last (re)subscribe; worker thread only
         self._seen: tuple[set[str], set[str]] | None = None
         self._reconciled = asyncio.Event()
+        subscriptions = [(self.topics.all_cards(), 1), (self.topics.all_status(), 1), (self._barrier_topic, 1)]
+        self._own_conn = connection is None
+        self._agents_head = f"{self.topics.prefix}/agents/"
+        self._barrier = self._barrier_topic
+        if connection is not None:
+            # Shared with its owner (the orchestrator): under the production broker config (client id = user
+            # name) a second connection with the owner's credentials would take the owner's over, and back. The
+            # owner routes messages to handle(), calls on_connect() from its own, and wait_reconciled().
+            self.conn = connection
+            for topic_filter, qos in subscriptions:
+                connection.add_subscription(topic_filter, qos)
+            self.state = State.NEW
+            return
         self.conn = Connection(
             settings,
             self.client_id,
-            subscriptions=[(self.topics.all_cards(), 1), (self.topics.all_status(), 1), (self._barrier_topic, 1)],
+            subscriptions=subscriptions,
             handler=self._on_message,
             on_connect=self._on_connect,
             clean_start=True,  # a mirror rebuilds from retained state; no queued backlog wanted
@@ -88,13 +102,33 @@ class CmsMirror:
         await self._tg.__aenter__()
         self._flusher = self._tg.create_task(self._flush_loop(), name=f"cms[{self.client_id}].flush")
         try:
-            await self.conn.__aenter__()
-            async with asyncio.timeout(60):
-                await self._reconciled.wait()  # entered = the mirror equals the broker's retained state
+            if self._own_conn:
+                await self.conn.__aenter__()
+                await self.wait_reconciled()  # entered = the mirror equals the broker's retained state
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
         return self
+
+    async def wait_reconciled(self, timeout: float = 60) -> None:
+        """Wait until the mirror equals the broker's retained state (after the connect's retained burst)."""
+        async with asyncio.timeout(timeout):
+            await self._reconciled.wait()
+
+    def handle(self, message: Message) -> bool:
+        """On a shared connection: take the cards, statuses and barriers; False for anything else."""
+        topic = str(message.topic)
+        if topic.startswith(self._agents_head) and topic.endswith(("/card", "/status")):
+            self._on_message(message)
+            return True
+        if topic == self._barrier:
+            self._on_message(message)
+            return True
+        return False
+
+    async def on_connect(self, client: Any) -> None:
+        """On a shared connection, the owner's ``on_connect`` calls this (before it returns)."""
+        await self._on_connect(client)
 
     async def _on_connect(self, client: Any) -> None:
         """Every (re)subscribe re-delivers the whole retained set: afterwards, forget what was not in it."""
@@ -133,7 +167,8 @@ class CmsMirror:
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
-        await self.conn.__aexit__(None, None, None)
+        if self._own_conn:
+            await self.conn.__aexit__(None, None, None)
         self._flusher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._tg.__aexit__(None, None, None)

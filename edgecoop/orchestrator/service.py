@@ -104,7 +104,6 @@ class Orchestrator:
         self.counters: Counter[str] = Counter()
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._running: set[asyncio.Task[None]] = set()
-        self.mirror = CmsMirror(settings, topics=self.topics, client_id=f"{orchestrator_id}-cms")
         self.conn = Connection(
             settings,
             self.orchestrator_id,
@@ -114,7 +113,11 @@ class Orchestrator:
             will=lambda: aiomqtt.Will(self.topics.orchestrator_status(self.orchestrator_id),
                                       encode(Status(self.orchestrator_id, False, self._epoch).to_dict()), 1, True),
             on_connect=self._on_connect,
+            max_queued_incoming=0,  # the CMS mirror's retained burst comes through here too: never dropped
         )  # fmt: skip
+        # one connection: under the production broker config (client id = user name) a second one with the same
+        # credentials would take this one over (and back, forever)
+        self.mirror = CmsMirror(settings, topics=self.topics, client_id=f"{orchestrator_id}-cms", connection=self.conn)
         self._epoch = time.time_ns() // 1_000_000
         # with a site: agents of other sites are reached through the bridges, and ranked after local ones
         self.sites = SiteCosts(site, dict(site_costs or {}))
@@ -130,6 +133,7 @@ class Orchestrator:
         return self._strategies[name]
 
     async def _on_connect(self, client: aiomqtt.Client) -> None:
+        await self.mirror.on_connect(client)
         payload = encode(Status(self.orchestrator_id, True, self._epoch).to_dict())
         await client.publish(self.topics.orchestrator_status(self.orchestrator_id), payload, qos=1, retain=True)
         # after a reconnect the broker may have forgotten requests (and replies) in flight: publish them again
@@ -150,6 +154,7 @@ class Orchestrator:
             self._tg = asyncio.TaskGroup()
             await self._stack.enter_async_context(self._tg)
             await self._stack.enter_async_context(self.conn)
+            await self.mirror.wait_reconciled()
             await self.mirror.sync()
             for rec in await self._worker.run(self.store.unfinished):
                 self.counters["recovered"] += 1
@@ -173,7 +178,7 @@ class Orchestrator:
 
     # -- intake ----------------------------------------------------------------------------------------------
     async def _on_message(self, message: Message) -> None:
-        if self.requester.handle(message):
+        if self.requester.handle(message) or self.mirror.handle(message):
             return
         route = reply_context(message, self.topics, any_topic=True)
         raw = message.payload if isinstance(message.payload, bytes) else b""
