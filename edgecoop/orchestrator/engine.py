@@ -116,6 +116,9 @@ class Engine:
         self.sites = sites or SiteCosts(requester.site)
         self._classify_worker = Worker("classifier") if classifier.name != "rule" else None
         self._places: list[str] = []
+        self._place_names: set[str] = set()
+        #: (place, kind, modality) that some agent has served: worth waiting for when it is away
+        self._place_kinds: set[tuple[str, str, str | None]] = set()
         self._places_version = -1
 
     def close(self) -> None:
@@ -130,7 +133,10 @@ class Engine:
                 rows = store.db.execute("SELECT DISTINCT location_name FROM agents WHERE location_name != ''")
                 return [r[0] for r in rows]
 
-            self._places = await self.mirror.query(names)
+            # Place names are vocabulary, not availability: a place whose agents are away (a broker restart
+            # without persistence empties the retained cards until they reconnect) is still a place.
+            self._place_names.update(await self.mirror.query(names))
+            self._places = sorted(self._place_names)
         return self._places
 
     async def classify(self, spec: TaskSpec) -> Classification:
@@ -232,11 +238,15 @@ class Engine:
             # Data about a named place comes from agents at that place. If the only such agent is offline
             # right now, wait for it (no candidates) rather than answer with another place's data.
             here = [m for m in found if m.card.get("location", {}).get("name") == run.c.place]
+            key = (run.c.place, step.kind, step.modality)
             if here:
+                self._place_kinds.add(key)
                 return here
             everywhere = await self.mirror.discover(dataclasses.replace(q, online_only=False))
-            if any(m.card.get("location", {}).get("name") == run.c.place for m in everywhere):
+            if key in self._place_kinds or any(m.card.get("location", {}).get("name") == run.c.place for m in everywhere):
                 return []
+            kind = step.kind + (f" ({step.modality})" if step.modality else "")
+            raise StepFailed(f"no agent at {run.c.place} offers {kind}")
         return found
 
     async def _wait_for_change(self, seconds: float) -> None:
