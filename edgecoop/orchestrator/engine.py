@@ -21,6 +21,7 @@ from edgecoop.mirror import CmsMirror
 from edgecoop.orchestrator.classifier import Classification, Classifier
 from edgecoop.orchestrator.compose import Answer, compose
 from edgecoop.orchestrator.plans import Plan, Step, build_plan, cloud_plan
+from edgecoop.orchestrator.relevance import rank_declared
 from edgecoop.orchestrator.strategies import Strategy
 from edgecoop.rpc import Requester
 from edgecoop.sites import SiteCosts
@@ -232,6 +233,8 @@ class Engine:
         found = await self.mirror.discover(q)
         if step.domain and not found:  # a knowledge base without that exact domain tag can still serve
             found = await self.mirror.discover(DiscoveryQuery(need=q.need, kind=step.kind, limit=50))
+        if q.need:  # agent-written prose never moves an agent: re-scored on declared fields only (relevance.py)
+            found = rank_declared(q.need, found)
         if run.c.privacy == "private":
             found = [m for m in found if m.card.get("privacy") in ("private", "site") and step.kind != "cloud"]
         if run.strategy.semantic and run.c.place and step.kind in PLACE_BOUND:
@@ -243,7 +246,9 @@ class Engine:
                 self._place_kinds.add(key)
                 return here
             everywhere = await self.mirror.discover(dataclasses.replace(q, online_only=False))
-            if key in self._place_kinds or any(m.card.get("location", {}).get("name") == run.c.place for m in everywhere):
+            if key in self._place_kinds or any(
+                m.card.get("location", {}).get("name") == run.c.place for m in everywhere
+            ):
                 return []
             kind = step.kind + (f" ({step.modality})" if step.modality else "")
             raise StepFailed(f"no agent at {run.c.place} offers {kind}")
