@@ -88,6 +88,40 @@ def _reraise_cancellation(exc: BaseException | None) -> None:
         raise asyncio.CancelledError from exc
 
 
+async def _unless_disconnected(client: aiomqtt.Client, setup: Awaitable[None]) -> None:
+    """Await the subscribe/birth phase of a connection, but give up as soon as that connection is lost.
+
+    aiomqtt's SUBACK and PUBACK waits do not watch the connection, they only time out (``client.timeout``):
+    a link reset right after CONNACK kept a component offline for the whole connect timeout (10 s) instead of
+    reconnecting at once (found by tests/test_netfaults.py, a reset every 3 s on a 100 ms link).
+    """
+    task = asyncio.ensure_future(setup)
+    lost = client._disconnected
+    try:
+        await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):  # our own task, cancelled just above
+                await task
+    if task.cancelled():
+        cause = None if lost.cancelled() else lost.exception()  # retrieved: no "never retrieved" warning
+        raise aiomqtt.MqttError("Disconnected while subscribing and publishing the birth messages") from cause
+    task.result()
+
+
+def _close_abandoned_socket(client: aiomqtt.Client | None) -> None:
+    """Close the socket of a connection attempt that failed (e.g. no CONNACK in time): aiomqtt leaves it open.
+
+    Left open, it stays registered with the event loop until the garbage collector closes the descriptor behind
+    the loop's back (the next socket with that number then fails to register), and a CONNECT that was only
+    delayed on the network can still reach the broker and take the session over from our newer connection.
+    """
+    paho = client._client if client is not None else None
+    if paho is not None and paho.socket() is not None:
+        paho._sock_close()  # runs the close callbacks (the loop's reader is removed) before closing
+
+
 class State(enum.Enum):
     NEW = "new"
     RUNNING = "running"
@@ -359,6 +393,21 @@ class _DataPath:
         if c.want_write():
             self._on_register_write(c, None, sock)
         self.client._disconnected.add_done_callback(self._on_disconnected)
+        # paho may have asked aiomqtt for a writer between CONNACK and now (it re-sends the in-flight messages of
+        # a resumed session while handling CONNACK); aiomqtt registers it with call_soon_threadsafe, i.e. after
+        # this. Left there, it fires on every loop iteration (the socket is always writable and paho never
+        # unregisters it: we reset _registered_write), and it outlives the socket in the selector.
+        self.loop.call_soon(self._drop_foreign_writer)
+
+    def _drop_foreign_writer(self) -> None:
+        sock = self.paho.socket()
+        fd = sock.fileno() if sock is not None else -1
+        if fd < 0:
+            return
+        if fd == self._writer_fd:
+            self.loop.add_writer(fd, self.flush)  # ours again (add_writer replaces the callback)
+        else:
+            self.loop.remove_writer(fd)
 
     # -- receiving ----------------------------------------------------------------------------------------
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
@@ -581,6 +630,9 @@ class _DataPath:
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         self._remove_writer()
+        fd = sock.fileno()
+        if fd >= 0:  # nothing may stay registered for a descriptor about to close (the next socket reuses it)
+            self.loop.remove_writer(fd)
         self._wbuf.clear()
         if self._aiomqtt_on_socket_close is not None:
             self._aiomqtt_on_socket_close(client, userdata, sock)
@@ -707,6 +759,7 @@ class Connection:
     async def _supervise(self) -> None:
         attempt = 0
         while True:
+            client: aiomqtt.Client | None = None
             try:
                 client = self._make_client()
                 async with client:
@@ -716,10 +769,7 @@ class Connection:
                     path.attach()
                     self.counters.connects += 1
                     attempt = 0
-                    for topic_filter, qos in self._subscriptions:
-                        await client.subscribe(topic_filter, qos=qos)
-                    if self._on_connect is not None:
-                        await self._on_connect(client)
+                    await _unless_disconnected(client, self._setup(client))
                     self.connected.set()
                     self._first_attempt_done.set()
                     log.debug("%s connected to %s", self.client_id, self.settings.url)
@@ -749,9 +799,18 @@ class Connection:
                 if self._path is not None:
                     self._path.close()
                     self._path = None
+                _close_abandoned_socket(client)
             attempt += 1
             # jittered exponential backoff, capped at ~8 s; the first retry is fast
             await asyncio.sleep(random.uniform(0.05, min(8.0, 0.2 * 1.6**attempt)))
+
+    async def _setup(self, client: aiomqtt.Client) -> None:
+        if self._subscriptions:
+            # one SUBSCRIBE for every filter: a reconnect costs one round trip here, not one per filter
+            # (5 for an agent: 1 s on a 100 ms link, longer than a flaky link stays up)
+            await client.subscribe(list(self._subscriptions))
+        if self._on_connect is not None:
+            await self._on_connect(client)
 
     async def _dispatch(self, message: Message) -> None:
         self.counters.messages += 1

@@ -4,7 +4,8 @@ Controls (all take effect at once, on every open connection and on the ones acce
 
 * :meth:`NetProxy.pause` stops forwarding in both directions but keeps every socket open, like a network
   that silently eats packets (TCP would retransmit them after the partition heals; here the bytes simply
-  wait); :meth:`NetProxy.resume` forwards again, in order.
+  wait); :meth:`NetProxy.resume` forwards again, in order. A connection attempted while paused is held and
+  reset at the resume, never forwarded (its SYN would not have got through).
 * :meth:`NetProxy.reset` aborts every open connection with a TCP RST on both sides (SO_LINGER 0).
 * :meth:`NetProxy.throttle` limits each direction to ``bytes_per_s`` and delays every chunk by
   ``latency_s`` (one way); ``throttle(None)`` removes both.
@@ -34,6 +35,7 @@ class _Stats:
     accepted: int = 0
     closed: int = 0
     resets: int = 0
+    refused: int = 0  # attempted while paused, reset at the resume
     bytes_up: int = 0  # client -> upstream
     bytes_down: int = 0  # upstream -> client
 
@@ -73,6 +75,14 @@ class _Link:
 
     async def run(self) -> None:
         p = self.proxy
+        if p.paused:
+            # A connection attempted during a partition never reaches the other side (its SYN was lost): hold
+            # it, and reset it at the resume. Forwarding its CONNECT then would replay a connection the client
+            # has long given up on (and let it take over the client's newer session).
+            await p._flowing.wait()
+            self.abort()
+            p.stats.refused += 1
+            return
         try:
             up_r, up_w = await asyncio.open_connection(p.upstream_host, p.upstream_port)
         except OSError:
