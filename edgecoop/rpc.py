@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,12 @@ PartialCallback = Callable[[Response], None]
 
 
 @dataclass(slots=True)
+class _Window:
+    slots: asyncio.Semaphore
+    users: int = 0
+
+
+@dataclass(slots=True)
 class _Pending:
     future: asyncio.Future[Response]
     on_partial: PartialCallback | None
@@ -35,6 +41,8 @@ class _Pending:
     topic: str = ""
     payload: bytes = b""
     properties: Any = None
+    #: order of first publication (per requester): a later request answered first hints this one was lost
+    seq: int = 0
 
 
 class Requester:
@@ -52,6 +60,7 @@ class Requester:
         topics: Topics,
         *,
         max_in_flight: int = 256,
+        max_in_flight_per_agent: int | None = None,
         resend_interval: float = 2.0,
         site: str | None = None,
     ) -> None:
@@ -62,6 +71,18 @@ class Requester:
         self.site_reply_topic = topics.site_reply(site, conn.client_id) if site else None
         self._pending: dict[bytes, _Pending] = {}
         self._slots = asyncio.Semaphore(max_in_flight)
+        #: per-agent flow control (None: only the global bound). Mosquitto queues what one client has not taken
+        #: yet and silently drops beyond max_queued_messages; a slow agent must not collect all our requests
+        #: (nor all our slots): requests beyond the window wait here, inside their own deadline
+        self.max_in_flight_per_agent = max_in_flight_per_agent
+        self._windows: dict[str, _Window] = {}
+        #: destination -> (time.monotonic() of its last reply to us, highest seq it answered): a durable request
+        #: is re-sent when its destination went silent, or answered a request sent after it
+        self._heard: dict[str, tuple[float, int]] = {}
+        self._seq = 0
+        self.resends_skipped = 0
+        self.overtaken = 0
+        self._drops: asyncio.Future[None] | None = None
         self.late_replies = 0
         self.resent = 0
         self.acks_failed = 0
@@ -103,6 +124,10 @@ class Requester:
         except WireError as exc:
             self.bad_replies += 1
             response = Response.error(exc.code, f"unreadable reply: {exc}", pending.agent_id)
+        if len(self._heard) >= _MAX_HEARD:
+            self._heard.clear()
+        _, answered = self._heard.get(pending.agent_id, (0.0, 0))
+        self._heard[pending.agent_id] = (time.monotonic(), answered if response.partial else max(answered, pending.seq))
         if response.partial:
             if pending.on_partial is not None:
                 pending.on_partial(response)
@@ -120,10 +145,12 @@ class Requester:
         agent_id: str = "",
         on_partial: PartialCallback | None = None,
         reply_topic: str | None = None,
+        window: str | None = None,
     ) -> Response:
         """Publish ``request`` on ``topic`` and wait for its final reply (partials go to ``on_partial``).
 
-        Error replies are returned, not raised; :meth:`request` raises them.
+        Error replies are returned, not raised; :meth:`request` raises them. ``window`` names the destination
+        whose in-flight requests ``max_in_flight_per_agent`` bounds (the agent id; :meth:`request` passes it).
         """
         corr = os.urandom(12)
         loop = asyncio.get_running_loop()
@@ -131,7 +158,9 @@ class Requester:
             pending = _Pending(loop.create_future(), on_partial, agent_id)
             self._pending[corr] = pending
             try:
-                async with asyncio.timeout(timeout):
+                # the window first: waiting for our turn at a busy agent is queueing, not the agent being late
+                # (the caller's own deadline still bounds it); the request's timeout starts when it is sent
+                async with self._window(window), asyncio.timeout(timeout):
                     deadline_ms = int((time.time() + timeout) * 1000)
                     payload = encode({**request.to_dict(), "deadline_ms": deadline_ms})
                     properties = props(
@@ -141,6 +170,8 @@ class Requester:
                         MessageExpiryInterval=max(1, int(timeout) + 1),
                     )
                     pending.topic, pending.payload, pending.properties = topic, payload, properties
+                    self._seq += 1
+                    pending.seq = self._seq
                     if not request.rid:
                         await self.conn.publish(topic, payload, qos=1, properties=properties, wait=timeout)
                     else:
@@ -149,14 +180,31 @@ class Requester:
                     if not request.rid:
                         response = await pending.future
                     else:
-                        # Durable: at least once. A broker restart can drop the request or the reply without
-                        # anyone noticing, so publish again every resend_interval; the agent answers a repeat
-                        # from its outbox (or adds the route to the running execution), never runs it twice.
+                        # Durable: at least once. A broker restart (or a queue overflow) can drop the request or
+                        # the reply without anyone noticing, so publish again every resend_interval while the
+                        # agent is silent or has answered a request sent after this one, and at once when the
+                        # broker reported dropped messages (note_drops); the agent answers a repeat from its
+                        # outbox (or adds the route to the running execution), never runs it twice. An agent
+                        # that keeps answering older requests is working through its queue: re-sending to it
+                        # only duplicates that queue (on a slow link, every 2 s, it ate the whole link:
+                        # tests/test_overload.py).
+                        drops = self._drops_reported()
                         while True:
-                            done, _ = await asyncio.wait({pending.future}, timeout=self.resend_interval)
-                            if done:
+                            waits: set[asyncio.Future[Any]] = {pending.future, drops}
+                            await asyncio.wait(waits, timeout=self.resend_interval, return_when=asyncio.FIRST_COMPLETED)
+                            if pending.future.done():
                                 response = pending.future.result()
                                 break
+                            dropped = drops.done()
+                            if dropped:
+                                drops = self._drops_reported()  # the next report
+                            heard, answered = self._heard.get(agent_id, (0.0, 0))
+                            busy = time.monotonic() - heard < self.resend_interval  # answering: working its queue
+                            if busy and not dropped and answered < pending.seq:
+                                self.resends_skipped += 1
+                                continue
+                            if busy and not dropped:
+                                self.overtaken += 1  # a request sent after this one was answered: likely lost
                             self.resent += 1
                             with contextlib.suppress(EdgecoopError):
                                 await self.conn.publish(topic, payload, qos=1, properties=properties, wait=timeout)
@@ -171,6 +219,43 @@ class Requester:
                 ) from exc
             finally:
                 del self._pending[corr]
+
+    def note_drops(self) -> None:
+        """The broker reported dropped messages (e.g. :class:`~edgecoop.overload.DropMonitor`): re-send every
+        pending durable request now, also to agents that keep answering (theirs may be among the dropped)."""
+        fut, self._drops = self._drops, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _drops_reported(self) -> asyncio.Future[None]:
+        """A future resolved by the next :meth:`note_drops` (shared by every waiting request)."""
+        if self._drops is None:
+            self._drops = asyncio.get_running_loop().create_future()
+        return self._drops
+
+    @contextlib.asynccontextmanager
+    async def _window(self, key: str | None) -> AsyncIterator[None]:
+        if key is None or self.max_in_flight_per_agent is None:
+            yield
+            return
+        w = self._windows.get(key)
+        if w is None:
+            w = self._windows[key] = _Window(asyncio.Semaphore(self.max_in_flight_per_agent))
+        w.users += 1
+        try:
+            async with w.slots:
+                yield
+        finally:
+            w.users -= 1
+            if not w.users:
+                del self._windows[key]
+
+    def backlog(self) -> dict[str, int]:
+        """Requests not answered yet (in flight or waiting for a window), per destination, largest first."""
+        counts: dict[str, int] = {}
+        for p in self._pending.values():
+            counts[p.agent_id] = counts.get(p.agent_id, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
     async def _ack(self, agent_id: str, rid: str) -> None:
         """Tell the agent it may drop this result from its outbox (best effort: the outbox is bounded anyway)."""
@@ -214,8 +299,9 @@ class Requester:
         req = Request(capability, dict(input or {}), task_id=task_id, stream=on_partial is not None, rid=rid)
         topic, reply_topic = self.route(agent_id, capability, site)
         resp = await self.call(
-            topic, req, timeout=timeout, agent_id=agent_id, on_partial=on_partial, reply_topic=reply_topic
-        )
+            topic, req, timeout=timeout, agent_id=agent_id, on_partial=on_partial, reply_topic=reply_topic,
+            window=agent_id,
+        )  # fmt: skip
         if not resp.ok:
             raise RemoteError(resp.code, resp.message, agent_id=agent_id)
         return resp
@@ -285,6 +371,8 @@ def reply_context(message: Message, topics: Topics, *, any_topic: bool = False) 
         fmt = Format.JSON
     return ReplyContext(rt, corr if isinstance(corr, bytes) else None, fmt)
 
+
+_MAX_HEARD = 4096
 
 #: verdicts of :func:`_route_allowed` by (prefix, response topic, any_topic): one requester sends many requests
 _ROUTES: dict[tuple[str, str, bool], bool] = {}

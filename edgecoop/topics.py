@@ -16,6 +16,7 @@ Contract (``<p>`` is the namespace prefix, default ``edgecoop/v1``)::
     <p>/tasks/submit                     tasks from any MQTT client (JSON or msgpack)
     <p>/tasks/events/<task>              task lifecycle events for dashboards, not retained
     <p>/orchestrators/<id>/status        retained orchestrator availability
+    <p>/orchestrators/<id>/alarm         retained overload alarm (the broker dropped messages), active or cleared
 
 Identifiers (agent ids, sensors, capabilities, client ids) are one topic level each and are validated:
 no ``/ + # $``, no NUL or other control character, not empty, at most 64 UTF-8 bytes.
@@ -87,6 +88,7 @@ class Kind(enum.StrEnum):
     TASK_SUBMIT = "submit"
     TASK_EVENT = "events"
     ORCHESTRATOR_STATUS = "orchestrator_status"
+    ORCHESTRATOR_ALARM = "orchestrator_alarm"
     ACK = "ack"
     HA_STATE = "ha_state"
     HA_STATUS = "ha_status"
@@ -174,6 +176,9 @@ class Topics:
     def orchestrator_status(self, orchestrator_id: str) -> str:
         return f"{self.prefix}/orchestrators/{validate_id(orchestrator_id, 'orchestrator id')}/status"
 
+    def orchestrator_alarm(self, orchestrator_id: str) -> str:
+        return f"{self.prefix}/orchestrators/{validate_id(orchestrator_id, 'orchestrator id')}/alarm"
+
     # -- subscription filters -------------------------------------------------------------------------
     def all_cards(self) -> str:
         return f"{self.prefix}/agents/+/card"
@@ -231,4 +236,6 @@ class Topics:
                 return ParsedTopic(Kind.TASK_EVENT, validate_id(task, "task id"))
             case ["orchestrators", orch, "status"]:
                 return ParsedTopic(Kind.ORCHESTRATOR_STATUS, validate_id(orch, "orchestrator id"))
+            case ["orchestrators", orch, "alarm"]:
+                return ParsedTopic(Kind.ORCHESTRATOR_ALARM, validate_id(orch, "orchestrator id"))
         raise TopicError(f"topic {topic!r} is not part of the edgecoop contract", value=topic)

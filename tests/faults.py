@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -38,8 +39,8 @@ def broker_config(port: int, workdir: Path, *, max_queued: int | None = None) ->
     """The development config (sys_interval 1), optionally with a small per-client queue limit."""
     text = development_config(port, data_dir=workdir, log_file=workdir / "mosquitto.log")
     if max_queued is not None:
-        assert "max_queued_messages 5000" in text
-        text = text.replace("max_queued_messages 5000", f"max_queued_messages {max_queued}")
+        text, n = re.subn(r"^max_queued_messages \d+$", f"max_queued_messages {max_queued}", text, flags=re.M)
+        assert n == 1, text
     return text
 
 

@@ -27,6 +27,7 @@ from edgecoop.orchestrator.classifier import Classifier, RuleClassifier
 from edgecoop.orchestrator.engine import Engine, TaskOutcome, TaskSpec
 from edgecoop.orchestrator.store import TaskStore
 from edgecoop.orchestrator.strategies import STRATEGIES, Strategy, get_strategy
+from edgecoop.overload import DropMonitor
 from edgecoop.rpc import ReplyContext, Requester, reply_context
 from edgecoop.sites import SiteCosts
 from edgecoop.topics import Topics, validate_id
@@ -81,12 +82,13 @@ class Orchestrator:
         strategy: str = "capability-aware",
         classifier: Classifier | None = None,
         db_path: str | Path = ":memory:",
-        max_concurrent: int = 16,
+        max_concurrent: int = 256,
         default_deadline_s: float = 60.0,
         summarize: bool = False,
         seed: int = 0,
         site: str | None = None,
         site_costs: Mapping[str, float] | None = None,
+        alarm_clear_after_s: float = 30.0,
     ) -> None:
         self.settings = settings
         self.topics = topics or Topics()
@@ -100,6 +102,9 @@ class Orchestrator:
         self._db_path = db_path
         self._worker = Worker(f"tasks[{orchestrator_id}]")
         self.store: TaskStore | None = None
+        # Tasks waiting for a slow agent hold a slot: with 16 slots, 16 tasks for one flooded agent stalled every
+        # other task for up to their step timeouts (tests/test_overload.py). Flow control towards each agent is
+        # the requester's per-agent window; this only bounds the tasks in progress.
         self._slots = asyncio.Semaphore(max_concurrent)
         self.counters: Counter[str] = Counter()
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -107,7 +112,8 @@ class Orchestrator:
         self.conn = Connection(
             settings,
             self.orchestrator_id,
-            subscriptions=[(self.topics.task_submit(), 1), Requester.subscription(self.topics, self.orchestrator_id)]
+            subscriptions=[(self.topics.task_submit(), 1), Requester.subscription(self.topics, self.orchestrator_id),
+                           DropMonitor.subscription()]
             + ([Requester.site_subscription(self.topics, site, self.orchestrator_id)] if site else []),
             handler=self._on_message,
             will=lambda: aiomqtt.Will(self.topics.orchestrator_status(self.orchestrator_id),
@@ -121,7 +127,15 @@ class Orchestrator:
         self._epoch = time.time_ns() // 1_000_000
         # with a site: agents of other sites are reached through the bridges, and ranked after local ones
         self.sites = SiteCosts(site, dict(site_costs or {}))
-        self.requester = Requester(self.conn, self.topics, site=site)
+        # At most 8 requests in flight to one agent: they and their acks stay inside Mosquitto's 20-message
+        # in-flight window for that client, so nothing of ours waits in its queue (dropped beyond
+        # max_queued_messages). With 16, a slow agent behind a 10-message queue lost 20-40 messages per 60 tasks.
+        self.requester = Requester(self.conn, self.topics, site=site, max_in_flight_per_agent=8)
+        # the broker's silent queue overflow: counted, logged, alarmed (retained); the re-sends recover
+        self.overload = DropMonitor(
+            self.orchestrator_id, self.counters, publish=self._publish_alarm, suspects=self.requester.backlog,
+            on_drops=self.requester.note_drops, clear_after_s=alarm_clear_after_s,
+        )  # fmt: skip
         self.engine = Engine(self.mirror, self.requester, self.classifier, sites=self.sites)
         self.state = State.NEW
 
@@ -154,6 +168,8 @@ class Orchestrator:
             self._tg = asyncio.TaskGroup()
             await self._stack.enter_async_context(self._tg)
             await self._stack.enter_async_context(self.conn)
+            overload = self._tg.create_task(self.overload.run(), name=f"orchestrator[{self.orchestrator_id}].overload")
+            self._stack.callback(overload.cancel)  # before the task group waits for it (on exit and on failure)
             await self.mirror.wait_reconciled()
             await self.mirror.sync()
             for rec in await self._worker.run(self.store.unfinished):
@@ -178,7 +194,7 @@ class Orchestrator:
 
     # -- intake ----------------------------------------------------------------------------------------------
     async def _on_message(self, message: Message) -> None:
-        if self.requester.handle(message) or self.mirror.handle(message):
+        if self.requester.handle(message) or self.overload.handle(message) or self.mirror.handle(message):
             return
         route = reply_context(message, self.topics, any_topic=True)
         raw = message.payload if isinstance(message.payload, bytes) else b""
@@ -305,6 +321,10 @@ class Orchestrator:
         except EdgecoopError as exc:
             self.counters["reply_failed"] += 1
             log.warning("orchestrator: reply to %s failed: %s", route.response_topic, exc)
+
+    async def _publish_alarm(self, alarm: Mapping[str, Any]) -> None:
+        topic = self.topics.orchestrator_alarm(self.orchestrator_id)
+        await self.conn.publish(topic, encode(dict(alarm)), qos=1, retain=True, wait=5)
 
     async def task(self, task_id: str) -> dict[str, Any] | None:
         assert self.store is not None
