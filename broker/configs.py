@@ -97,7 +97,8 @@ autosave_on_changes true
 {_LIMITS}
 # offline clients' sessions (agents use clean_start=False) are kept for a day at most
 persistent_client_expiration 1d
-sys_interval 10
+# the orchestrator's overload alarm watches $SYS/broker/publish/messages/dropped: detection takes up to this
+sys_interval 2
 log_type error
 log_type warning
 log_type notice
