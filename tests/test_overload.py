@@ -129,6 +129,7 @@ async def test_an_offline_consumers_queue_overflow_is_detected_alarmed_and_recov
             served=served,
             replayed=stats.get("replayed", 0),
             agent_counters=stats,
+            served_before_leaving=park.counters["served"],
             duplicates=stats.get("duplicate_inflight", 0),
             tasks=Counter(o.state for o in outcomes),
             task_terminal=summary([o.seconds for o in outcomes]),
@@ -142,7 +143,9 @@ async def test_an_offline_consumers_queue_overflow_is_detected_alarmed_and_recov
         assert cleared["active"] is False and cleared["dropped_total"] >= raised["dropped"]
         # recovered by re-sending: every request answered by the agent, each executed exactly once
         assert all(r.ok and r.agent_id == PROXIED for r in replies)
-        assert served <= 40 + 5, stats  # never twice (45 in every run but one, which had 44 and no replay)
+        # never executed twice, whatever the number of copies (45 executions in all runs but one, which counted
+        # 44 for 45 answers and no replay; not explained yet, see docs/reliability.md)
+        assert served + park.counters["served"] <= 40 + 5, (stats, dict(park.counters))
         assert req.resent > 0  # the dropped ones really had to be sent again
         # the tasks waited for the agent (nothing sent to an agent the CMS knows is offline) and completed
         assert counts == {"done": 5}
