@@ -137,3 +137,20 @@ def test_knowledge_base_ranks_with_bm25():
     r = kb.search("quiet hours construction", k=2)
     assert r["passages"][0]["doc"] == "noise.md" and "22:00" in r["answer"]
     kb.close()
+
+
+@pytest.mark.llm
+async def test_agent_with_an_slm_adds_a_grounded_answer_citing_its_sources(make_agent, client):
+    pytest.importorskip("llama_cpp")
+    slm = {"model": "smollm2-135m", "n_threads": 1, "n_ctx": 2048}
+    async with make_agent("kb-slm", capabilities=knowledge(slm=slm)) as agent:
+        assert [m.name for m in agent.card().models] and agent.card().models[0].tokens_per_s > 0
+        r = (await client.req.request("kb-slm", "knowledge", {"question": "What temperature counts as a fever?"},
+                                      timeout=60)).result  # fmt: skip
+        plain = (await client.req.request("kb-slm", "knowledge", {"question": "What temperature counts as a fever?",
+                                                                  "grounded": False}, timeout=60)).result  # fmt: skip
+    assert Path(r["cited"][0]).name == "fever.md" == Path(r["passages"][0]["doc"]).name
+    assert r["grounded_answer"].endswith(f"[sources: {', '.join(r['cited'])}]")
+    assert len(r["grounded_answer"]) > len(f"[sources: {', '.join(r['cited'])}]") + 5  # the model wrote something
+    assert "38.0 °C" in r["answer"]  # the extractive answer stays alongside
+    assert "grounded_answer" not in plain

@@ -30,7 +30,7 @@ from edgecoop.worker import Worker
 
 if TYPE_CHECKING:
     from edgecoop.agents.config import AgentConfig, CapabilitySpec
-    from edgecoop.messages import CapabilityInfo
+    from edgecoop.messages import CapabilityInfo, ModelInfo
 
 __all__ = ["KnowledgeBase", "KnowledgeHandler", "Passage", "chunk_markdown", "query_terms"]
 
@@ -282,6 +282,20 @@ class KnowledgeHandler(Handler):
         self.passage_count = 0
         self._worker: Worker | None = None
         self._kb: KnowledgeBase | None = None  # worker thread only
+        # With an ``slm`` options table the agent also has a small language model: answers are then also
+        # written by it, grounded in the retrieved passages and citing them (options as for the slm handler).
+        self._slm: Handler | None = None
+        slm_options = self.options.get("slm")
+        if slm_options is not None:
+            if not isinstance(slm_options, Mapping):
+                raise ConfigError(f"capability {spec.name!r}: options.slm must be a table of slm options")
+            from edgecoop.agents.config import CapabilitySpec
+            from edgecoop.agents.handlers.slm import SlmHandler
+
+            self._slm = SlmHandler(CapabilitySpec(f"{spec.name}-slm", "slm", options=dict(slm_options)), config)
+
+    def models(self) -> list[ModelInfo]:
+        return self._slm.models() if self._slm is not None else []
 
     def info(self) -> CapabilityInfo:
         base = super().info()
@@ -292,6 +306,8 @@ class KnowledgeHandler(Handler):
         self._worker = Worker(f"knowledge-{ctx.agent_id}")
         try:
             self.passage_count = await self._worker.run(self._open)
+            if self._slm is not None:
+                await self._slm.start(ctx)
         except BaseException:
             await self.stop()
             raise
@@ -307,6 +323,8 @@ class KnowledgeHandler(Handler):
             self._kb = None
 
     async def stop(self) -> None:
+        if self._slm is not None:
+            await self._slm.stop()
         worker, self._worker = self._worker, None
         if worker is not None:
             await worker.run(self._close)
@@ -329,7 +347,27 @@ class KnowledgeHandler(Handler):
             raise ValueError(f"k must be an integer in 1..{_MAX_K}")
         result = await worker.run(self._kb.search, question, k)
         result["domains"] = list(self.domains)
+        if self._slm is not None and result.get("passages") and request_input.get("grounded", True):
+            result |= await self._grounded(question, result["passages"], call)
         return result
+
+    async def _grounded(self, question: str, passages: list[dict[str, Any]], call: CallContext) -> dict[str, Any]:
+        """The agent's SLM answers from the retrieved passages only, and the answer names its sources."""
+        assert self._slm is not None
+        context = "\n".join(f"[{i + 1}] ({p['doc']}) {p['text'][:600]}" for i, p in enumerate(passages[:3]))
+        out = await self._slm.handle(
+            {
+                "system": "Answer the question using only the numbered sources. Be brief. "
+                "If the sources do not answer it, say so.",
+                "prompt": f"Sources:\n{context}\n\nQuestion: {question}\nAnswer:",
+                "max_tokens": int(self.options.get("grounded_max_tokens", 80)),
+            },
+            call,
+        )
+        cited = list(dict.fromkeys(str(p["doc"]) for p in passages[:3]))
+        text = str(out.get("text", "")).strip()
+        # the citation is attached by us, not left to a 135M-parameter model to get right
+        return {"grounded_answer": f"{text} [sources: {', '.join(cited)}]", "cited": cited, "model": out.get("model")}
 
 
 def _common_parts(files: list[Path]) -> tuple[str, ...]:
