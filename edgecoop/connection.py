@@ -411,9 +411,10 @@ class _DataPath:
 
     # -- receiving ----------------------------------------------------------------------------------------
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        # The bound is for a handler that falls behind. Before the receive loop runs (subscribing, on_connect)
-        # nothing drains the inbox, and retained messages arrive there in one burst: keep them all.
-        if self.receiving and len(self.inbox) >= self._max_queued > 0:
+        # The bound is for a handler that falls behind on QoS 0 telemetry, which may be dropped (conventions:
+        # QoS >= 1 control traffic never is). Retained cards arrive in one burst right after the SUBACK, faster
+        # than a handler drains them, and requests/replies are QoS 1: those are always kept.
+        if self.receiving and message.qos == 0 and len(self.inbox) >= self._max_queued > 0:
             self._counters.extra["incoming_dropped"] = self._counters.extra.get("incoming_dropped", 0) + 1
             log.warning("%s: incoming message queue is full; message on %s discarded", self.client_id, message.topic)
             return
