@@ -325,18 +325,7 @@ class Engine:
             self.requester.request(agent_id, cap, data, timeout=timeout, task_id=task_id, rid=rid, site=site)
         )
         watch = asyncio.ensure_future(_watch_offline(self.mirror, agent_id))
-        try:
-            done, _ = await asyncio.wait({request, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if request in done:
-                return request.result()
-            raise AgentWentOffline(f"{agent_id} went offline during the request")
-        finally:
-            for t in (request, watch):
-                if not t.done():
-                    t.cancel()
-            for t in (request, watch):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+        return await _unless_offline(request, watch, f"{agent_id} went offline during the request")
 
     async def _call(self, run: _Run, step: Step, m: Match, results: Mapping[str, Any], attempt: int) -> Any:
         cap = _capability(m.card, step.kind)
@@ -404,18 +393,7 @@ class Engine:
         ids = await self.mirror.query(members)
         request = asyncio.ensure_future(self.requester.pool_request(pool, cap, data, timeout=timeout, task_id=task_id))
         watch = asyncio.ensure_future(_watch_any_offline(self.mirror, ids))
-        try:
-            done, _ = await asyncio.wait({request, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if request in done:
-                return request.result()
-            raise AgentWentOffline(f"a member of pool {pool} went offline during the request")
-        finally:
-            for t in (request, watch):
-                if not t.done():
-                    t.cancel()
-            for t in (request, watch):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+        return await _unless_offline(request, watch, f"a member of pool {pool} went offline during the request")
 
 
 def _pool(card: Mapping[str, Any], cap: str) -> str:
@@ -434,6 +412,23 @@ async def _watch_any_offline(mirror: CmsMirror, agent_ids: Sequence[str]) -> Non
 
 class AgentWentOffline(RequestError):
     code = "agent_offline"
+
+
+async def _unless_offline(request: asyncio.Future[Any], watch: asyncio.Future[None], gone: str) -> Any:
+    """The request's result, or AgentWentOffline as soon as ``watch`` (a CMS offline watch) fires; both are
+    cancelled and awaited before returning."""
+    try:
+        done, _ = await asyncio.wait({request, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if request in done:
+            return request.result()
+        raise AgentWentOffline(gone)
+    finally:
+        for t in (request, watch):
+            if not t.done():
+                t.cancel()
+        for t in (request, watch):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
 
 
 async def _watch_offline(mirror: CmsMirror, agent_id: str) -> None:
