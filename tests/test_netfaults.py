@@ -173,7 +173,9 @@ async def test_a_reset_every_3s_loses_no_task_and_every_offline_is_the_reset_con
         ]
         assert all(o.agents()[-1] == PROXIED for o in during + after)
         assert all(o.state == "done" for o in during_station)
-        assert pct([o.seconds for o in during_station], 0.95) < 0.5, summary([o.seconds for o in during_station])
+        # not stalled by the resets (a stall used to cost the 10 s of a lost SUBACK); the bound is loose because a
+        # loaded 2-core CI machine put p95 at 1.6 s once while every task still finished
+        assert pct([o.seconds for o in during_station], 0.95) < 3.0, summary([o.seconds for o in during_station])
         # every offline the CMS applies is the will of a connection that was reset (at most one per reset); a
         # will older than an online already seen is fenced by its epoch; the CMS ends with the agent online
         assert len(applied) <= sum(n for _, n in resets), events
