@@ -145,8 +145,8 @@ def _run_async(fn: Callable[[], Any]) -> int:
 # -- cms -----------------------------------------------------------------------------------------------
 def cmd_cms_query(args: argparse.Namespace) -> int:
     from edgecoop.cms import DiscoveryQuery
-    from edgecoop.mirror import CmsMirror
-    from edgecoop.sites import SiteCosts, parse_site_costs
+    from edgecoop.cms.mirror import CmsMirror
+    from edgecoop.cms.sites import SiteCosts, parse_site_costs
 
     costs = SiteCosts(args.from_site, parse_site_costs(args.site_costs or []))
     q = DiscoveryQuery(
@@ -177,7 +177,7 @@ def cmd_cms_query(args: argparse.Namespace) -> int:
 
 
 def cmd_cms_mirror(args: argparse.Namespace) -> int:
-    from edgecoop.mirror import CmsMirror
+    from edgecoop.cms.mirror import CmsMirror
 
     async def run() -> None:
         async with CmsMirror(_broker(args), topics=Topics(args.prefix), db_path=args.db) as mirror:
@@ -257,9 +257,9 @@ def _orchestrator_settings(args: argparse.Namespace) -> tuple[dict[str, Any], Br
 
 
 def cmd_orchestrator(args: argparse.Namespace) -> int:
+    from edgecoop.cms.sites import parse_site_costs
     from edgecoop.orchestrator import Orchestrator, RuleClassifier, SlmClassifier
     from edgecoop.orchestrator.classifier import Classifier
-    from edgecoop.sites import parse_site_costs
 
     conf, broker, prefix = _orchestrator_settings(args)
     classifier: Classifier = RuleClassifier()

@@ -102,11 +102,18 @@ class Location:
     name: str = ""
     lat: float | None = None
     lon: float | None = None
+    #: other names people use for the place ("the kitchen"): vocabulary for the Classifier Engine
+    aliases: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Location:
         w = "location"
-        return cls(_opt(d, "name", str, "", w), _opt(d, "lat", float, None, w), _opt(d, "lon", float, None, w))
+        return cls(
+            _opt(d, "name", str, "", w),
+            _opt(d, "lat", float, None, w),
+            _opt(d, "lon", float, None, w),
+            _str_list(d, "aliases", w),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +160,9 @@ class SensorInfo:
     modality: str
     unit: str = ""
     rate_hz: float = 0.0
+    #: what people call it and the words they use for it (vocabulary, declared by the agent)
+    label: str = ""
+    words: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SensorInfo:
@@ -162,6 +172,8 @@ class SensorInfo:
             _req(d, "modality", str, w),
             _opt(d, "unit", str, "", w),
             _opt(d, "rate_hz", float, 0.0, w),
+            _opt(d, "label", str, "", w),
+            _str_list(d, "words", w),
         )
 
 

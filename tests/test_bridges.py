@@ -23,9 +23,9 @@ import pytest
 
 from edgecoop.agents import Agent
 from edgecoop.broker import MosquittoProcess, bridge_config, development_config, free_port
+from edgecoop.cms.mirror import CmsMirror
 from edgecoop.connection import BrokerSettings, Connection, Message
 from edgecoop.errors import RequestTimeout, TopicError
-from edgecoop.mirror import CmsMirror
 from edgecoop.orchestrator import Orchestrator
 from edgecoop.rpc import Requester
 from edgecoop.topics import Kind, ParsedTopic, Topics
@@ -353,8 +353,8 @@ def test_site_topics_parse_and_route():
 
 def test_site_costs_and_orchestrator_site_flags(tmp_path):
     from edgecoop.cli import _orchestrator_settings, build_parser
+    from edgecoop.cms.sites import SiteCosts, parse_site_costs
     from edgecoop.errors import ConfigError
-    from edgecoop.sites import SiteCosts, parse_site_costs
 
     args = build_parser().parse_args(["orchestrator", "--site", "a", "--site-cost", "b=1", "--site-cost", "cloud=10"])
     conf, _, _ = _orchestrator_settings(args)
@@ -375,7 +375,7 @@ def test_site_costs_and_orchestrator_site_flags(tmp_path):
 
 def test_near_first_keeps_relevance_first():
     from edgecoop.cms.discovery import Match
-    from edgecoop.sites import SiteCosts
+    from edgecoop.cms.sites import SiteCosts
 
     def m(agent: str, score: float, site: str) -> Match:
         return Match(agent, score, {"site": site})

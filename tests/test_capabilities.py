@@ -13,9 +13,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgecoop.cms import DiscoveryQuery
+from edgecoop.cms.mirror import CmsMirror
 from edgecoop.connection import Connection
 from edgecoop.messages import CapabilityCard, Status
-from edgecoop.mirror import CmsMirror
 from edgecoop.wire import encode
 
 

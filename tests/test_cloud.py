@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from edgecoop.agents.cloudserver import CloudServer
 from edgecoop.agents.handlers.cloud import chat_completions_url
 from edgecoop.broker import free_port
-from edgecoop.cloudserver import CloudServer
 from edgecoop.errors import ConfigError, RemoteError, RequestTimeout
 
 API_KEY = "test-key-123"

@@ -14,7 +14,7 @@ import pytest
 
 from edgecoop.agents import Agent
 from edgecoop.agents.config import CapabilitySpec, config_from_dict
-from edgecoop.mirror import CmsMirror
+from edgecoop.cms.mirror import CmsMirror
 from edgecoop.orchestrator import Orchestrator
 from edgecoop.taskclient import TaskClient
 

@@ -13,9 +13,7 @@ import pytest
 
 from edgecoop.agents import register_handler
 from edgecoop.agents.handlers.base import AgentContext, CallContext, Handler
-from edgecoop.connection import Connection
-from edgecoop.errors import TopicError
-from edgecoop.hass import (
+from edgecoop.agents.hass import (
     discovery_messages,
     ha_state_payload,
     ha_status_payload,
@@ -23,6 +21,8 @@ from edgecoop.hass import (
     publish_ha_reading,
     removal_messages,
 )
+from edgecoop.connection import Connection
+from edgecoop.errors import TopicError
 from edgecoop.messages import CapabilityCard, Hardware, Location, Reading, SensorInfo, Status
 from edgecoop.topics import Kind, ParsedTopic, Topics
 

@@ -25,16 +25,17 @@ import pytest
 
 from edgecoop.agents import Agent
 from edgecoop.agents.config import AgentConfig, CapabilitySpec, config_from_dict
-from edgecoop.agents.handlers.refcloud import ReferenceCloudHandler
 from edgecoop.connection import BrokerSettings
 from edgecoop.orchestrator import Orchestrator
+from edgecoop.scenarios.data import data_root
 from edgecoop.scenarios.loader import load_scenario, scenario_dir
+from edgecoop.scenarios.refcloud import ReferenceCloudHandler
 from edgecoop.scenarios.taskset import load_tasks
 from edgecoop.topics import Topics
 
 pytestmark = pytest.mark.vision  # the camera -> vision pipelines run OpenCV
 
-CORPUS_FILE = Path(__file__).resolve().parents[1] / "scenarios" / "injection_corpus.jsonl"
+CORPUS_FILE = data_root() / "injection_corpus.jsonl"
 #: poisoned setups: the corpus is rotated so that each payload lands in a different field each time
 ROTATIONS = (0, 31)
 #: tasks with no place, so the need's words (not a location) rank the candidates

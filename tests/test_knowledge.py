@@ -7,8 +7,9 @@ import pytest
 
 from edgecoop.agents.handlers.knowledge import KnowledgeBase, chunk_markdown, query_terms
 from edgecoop.errors import ConfigError, RemoteError
+from edgecoop.scenarios.data import data_root
 
-ROOT = Path(__file__).resolve().parent.parent / "scenarios"
+ROOT = data_root()
 URBAN = ROOT / "urban" / "knowledge"
 HEALTH = ROOT / "health" / "knowledge"
 

@@ -12,10 +12,10 @@ import pytest
 
 from edgecoop.agents import Agent
 from edgecoop.agents.config import CapabilitySpec, config_from_dict
-from edgecoop.mirror import CmsMirror
+from edgecoop.agents.scenes import synthetic_scene
+from edgecoop.cms.mirror import CmsMirror
 from edgecoop.orchestrator import Orchestrator
 from edgecoop.scenarios.loader import load_scenario
-from edgecoop.scenes import synthetic_scene
 
 pytestmark = pytest.mark.vision
 TRAFFIC = {"cam-station", "cam-harbour", "cam-oldtown", "vision-jetson", "vision-pi"}

@@ -18,8 +18,8 @@ import pytest
 
 from edgecoop.agents import Agent
 from edgecoop.agents.config import CapabilitySpec, config_from_dict
+from edgecoop.cms.mirror import CmsMirror
 from edgecoop.errors import ConfigError
-from edgecoop.mirror import CmsMirror
 from edgecoop.orchestrator import Orchestrator
 from tests.conftest import agent_config
 
@@ -108,7 +108,7 @@ async def test_a_dead_pool_worker_takes_no_more_requests(settings, topics, clien
 @pytest.mark.vision
 async def test_worker_killed_mid_request_the_pool_still_gets_the_task_done(settings, topics):
     """Two vision workers in a pool; the one that took the request is killed; the task is done by the other."""
-    from edgecoop.scenes import synthetic_scene
+    from edgecoop.agents.scenes import synthetic_scene
 
     cam = config_from_dict(
         {"agent": {"id": "cam-slow", "location": {"name": "Test Street"}}}, broker=settings, prefix=topics.prefix,

@@ -33,10 +33,10 @@ from edgecoop.agents import Agent
 from edgecoop.broker import MosquittoProcess
 from edgecoop.broker.configs import production_acl, production_config
 from edgecoop.broker.manager import free_port
+from edgecoop.cms.mirror import CmsMirror
 from edgecoop.connection import BrokerSettings, Connection, Message, props
 from edgecoop.errors import ConnectError, PublishRejected
 from edgecoop.messages import CapabilityCard, Reading, Response, Status
-from edgecoop.mirror import CmsMirror
 from edgecoop.rpc import Requester
 from edgecoop.topics import Topics
 from edgecoop.wire import decode, encode

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from edgecoop.agents.handlers.slm import choices_grammar
+from edgecoop.cms.mirror import CmsMirror
 from edgecoop.connection import BrokerSettings, Connection, Message, props
 from edgecoop.errors import ConfigError, DependencyMissing, RemoteError, RequestTimeout
 from edgecoop.messages import CapabilityCard, Request
-from edgecoop.mirror import CmsMirror
 from edgecoop.models import resolve_model
 from edgecoop.topics import Topics
 from edgecoop.wire import decode, encode

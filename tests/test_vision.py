@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("cv2")
 
 from edgecoop.agents.handlers.vision import hog_available
+from edgecoop.agents.scenes import SceneSpec, decode_image, encode_jpeg, synthetic_scene
 from edgecoop.errors import RemoteError
-from edgecoop.scenes import SceneSpec, decode_image, encode_jpeg, synthetic_scene
 
 pytestmark = pytest.mark.vision
 

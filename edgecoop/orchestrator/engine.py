@@ -16,15 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgecoop.cms.discovery import DiscoveryQuery, Match
+from edgecoop.cms.mirror import CmsMirror
+from edgecoop.cms.sites import SiteCosts
 from edgecoop.errors import BrokerError, EdgecoopError, RequestError, TopicError
-from edgecoop.mirror import CmsMirror
 from edgecoop.orchestrator.classifier import Classification, Classifier
 from edgecoop.orchestrator.compose import Answer, compose
 from edgecoop.orchestrator.plans import Plan, Step, build_plan, cloud_plan
 from edgecoop.orchestrator.relevance import rank_declared
 from edgecoop.orchestrator.strategies import Strategy
 from edgecoop.rpc import Requester
-from edgecoop.sites import SiteCosts
 from edgecoop.wire import encode
 from edgecoop.worker import Worker
 

@@ -19,17 +19,17 @@ from typing import Any
 
 import aiomqtt
 
+from edgecoop.cms.mirror import CmsMirror
+from edgecoop.cms.sites import SiteCosts
 from edgecoop.connection import BrokerSettings, Connection, Message, State
 from edgecoop.errors import EdgecoopError, SchemaError, TopicError, WireError
 from edgecoop.messages import Status
-from edgecoop.mirror import CmsMirror
 from edgecoop.orchestrator.classifier import Classifier, RuleClassifier
 from edgecoop.orchestrator.engine import Engine, TaskOutcome, TaskSpec
 from edgecoop.orchestrator.store import TaskStore
 from edgecoop.orchestrator.strategies import STRATEGIES, Strategy, get_strategy
 from edgecoop.overload import DropMonitor
 from edgecoop.rpc import ReplyContext, Requester, reply_context
-from edgecoop.sites import SiteCosts
 from edgecoop.topics import Topics, validate_id
 from edgecoop.wire import Format, decode, encode
 from edgecoop.worker import Worker

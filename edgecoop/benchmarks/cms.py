@@ -1,7 +1,7 @@
 """CMS benchmark: a late joiner's mirror ingest of 10,000 retained cards, and discovery query latency.
 
 * **ingest**: 10,000 realistic capability cards and their statuses are published retained (fast paho
-  publisher, QoS 1), then a new :class:`~edgecoop.mirror.CmsMirror` is timed from ``__aenter__`` until
+  publisher, QoS 1), then a new :class:`~edgecoop.cms.mirror.CmsMirror` is timed from ``__aenter__`` until
   ``await mirror.sync()`` returns with all 10,000 agents in its store. **Baseline**, same run, same
   broker: a bare paho subscriber that only *receives* the same 20,000 retained messages (no decoding, no
   validation, no SQLite). ``ingest_ratio`` is the mirror's time over that floor.
@@ -290,8 +290,8 @@ def _broker_config(port: int, queue_limit: int | None) -> str:
 # -- the run -----------------------------------------------------------------------------------------------
 async def _ingest(port: int, prefix: str, expected: int) -> tuple[Any, float, dict[str, int]]:
     """Time a late joiner: CmsMirror.__aenter__ + sync() until the store holds ``expected`` agents."""
+    from edgecoop.cms.mirror import CmsMirror
     from edgecoop.connection import BrokerSettings
-    from edgecoop.mirror import CmsMirror
     from edgecoop.topics import Topics
 
     t0 = time.perf_counter()

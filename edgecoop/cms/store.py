@@ -1,6 +1,6 @@
 """The CMS SQLite mirror (sqlite-utils, WAL, registered migrations).
 
-Synchronous on purpose: it is owned by one worker thread (see :mod:`edgecoop.mirror`) and never touched
+Synchronous on purpose: it is owned by one worker thread (see :mod:`edgecoop.cms.mirror`) and never touched
 from the event loop. Writes are batched: ``ingest()`` applies many card/status updates in one transaction.
 """
 

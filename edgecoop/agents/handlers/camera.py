@@ -36,7 +36,7 @@ class CameraHandler(Handler):
 
     async def start(self, ctx: AgentContext) -> None:
         if self.source == "synthetic":
-            from edgecoop.scenes import SceneSpec
+            from edgecoop.agents.scenes import SceneSpec
 
             SceneSpec.from_dict(self.scene, seed=self.seed)  # fail at start, not at the first request
 
@@ -65,7 +65,7 @@ class CameraHandler(Handler):
         raise CapabilityError(f"unknown camera op {op!r}; use 'stream' or 'frame'")
 
     def _frame(self, index: int) -> bytes:
-        from edgecoop.scenes import encode_jpeg, synthetic_scene
+        from edgecoop.agents.scenes import encode_jpeg, synthetic_scene
 
         scene = synthetic_scene(self.seed, **self.scene)
         return encode_jpeg(scene.frame(max(0, min(index, scene.spec.frames - 1))), quality=70)

@@ -27,15 +27,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgecoop.agents.handlers.base import AgentContext, CallContext, Handler
+from edgecoop.agents.scenes import Frame, SceneSpec, decode_image, read_video, synthetic_scene
 from edgecoop.errors import CapabilityError
-from edgecoop.scenes import Frame, SceneSpec, decode_image, read_video, synthetic_scene
 from edgecoop.topics import validate_id
 from edgecoop.worker import Worker
 
 try:
     import cv2
     import numpy as np
-except ImportError as exc:  # pragma: no cover - edgecoop.scenes raises first
+except ImportError as exc:  # pragma: no cover - edgecoop.agents.scenes raises first
     from edgecoop.errors import DependencyMissing
 
     raise DependencyMissing(exc.name or "cv2", "vision") from exc

@@ -83,7 +83,7 @@ async def _run(args: argparse.Namespace) -> int:
         exclude: set[str] = set()
         if not cloud_url:
             try:
-                from edgecoop.cloudserver import CloudServer
+                from edgecoop.agents.cloudserver import CloudServer
 
                 server = CloudServer()
                 await asyncio.to_thread(server.start)

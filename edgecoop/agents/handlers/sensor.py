@@ -164,6 +164,9 @@ class SensorSpec:
     pattern: str = "constant"
     modality: str = ""
     unit: str = ""
+    #: what people call it ("noise level") and the words they use for it: vocabulary the orchestrator learns
+    label: str = ""
+    words: tuple[str, ...] = ()
     rate_hz: float = 1.0
     source: str = "simulated"
     base: float | None = None
@@ -196,6 +199,10 @@ class SensorSpec:
         except TopicError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
         values: dict[str, Any] = dict(d)
+        words = values.get("words", ())
+        if not isinstance(words, list | tuple) or not all(isinstance(w, str) for w in words):
+            raise ConfigError(f"{where}: words must be a list of strings")
+        values["words"] = tuple(words)
         source = str(values.get("source", "simulated"))
         csv_path = None
         if source.startswith("csv:"):
@@ -232,7 +239,9 @@ class SensorSpec:
 
     def info(self) -> SensorInfo:
         p = self.preset
-        return SensorInfo(self.name, self.modality or p.modality, self.unit or p.unit, self.rate_hz)
+        return SensorInfo(
+            self.name, self.modality or p.modality, self.unit or p.unit, self.rate_hz, self.label, self.words
+        )
 
 
 # -- ground truth -----------------------------------------------------------------------------------------
@@ -427,7 +436,7 @@ class SensorHandler(Handler):
             await ctx.conn.publish(topic, payload, qos=0, retain=False, wait=0)
             self.published += 1
             if ctx.config.home_assistant:
-                from edgecoop.hass import publish_ha_reading
+                from edgecoop.agents.hass import publish_ha_reading
 
                 await publish_ha_reading(ctx.conn, ctx.topics, reading)
         except EdgecoopError as exc:

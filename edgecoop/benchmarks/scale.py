@@ -8,7 +8,7 @@ the helpers'), reported as ``broker_nofile``; ``max_connections`` is Mosquitto's
 
 Measured, each with its baseline in the same run:
 
-* ``full_view_s``: a late-joining :class:`~edgecoop.mirror.CmsMirror` from ``__aenter__`` until its store
+* ``full_view_s``: a late-joining :class:`~edgecoop.cms.mirror.CmsMirror` from ``__aenter__`` until its store
   holds all N agents online (2N retained messages: cards and statuses, decoded, validated, in SQLite).
   Baseline ``baseline_full_view_s``: a bare paho subscriber that only receives the same 2N retained messages.
 * ``query_p50_ms`` / ``query_p99_ms``: ``mirror.discover()`` with a free-text need and filters, what the
@@ -201,8 +201,8 @@ def _idle_agent_rss(port: int, prefix: str, workdir: Path) -> float:
 
 
 async def _full_view(port: int, prefix: str, n: int, timeout: float) -> tuple[Any, float]:
+    from edgecoop.cms.mirror import CmsMirror
     from edgecoop.connection import BrokerSettings
-    from edgecoop.mirror import CmsMirror
     from edgecoop.topics import Topics
 
     t0 = time.perf_counter()

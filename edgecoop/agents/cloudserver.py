@@ -6,7 +6,7 @@ Used by the tests and the demo so that the ``cloud`` capability talks real HTTP 
         print(cloud.url)  # http://127.0.0.1:<free port>/v1
 
 Readiness is polled on ``GET /v1/models``; the server is stopped by PID (SIGTERM, then SIGKILL).
-Run it alone with ``python -m edgecoop.cloudserver [MODEL]`` (Ctrl-C stops it).
+Run it alone with ``python -m edgecoop.agents.cloudserver [MODEL]`` (Ctrl-C stops it).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Capability Metadata Store: a SQLite mirror of the retained card/status topics plus discovery.
 
-This package knows nothing of MQTT; :mod:`edgecoop.mirror` feeds it from the broker.
+This package knows nothing of MQTT; :mod:`edgecoop.cms.mirror` feeds it from the broker.
 """
 
 from edgecoop.cms.discovery import DiscoveryQuery, EmbeddingRanker, Match, Ranker

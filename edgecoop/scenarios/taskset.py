@@ -17,9 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgecoop.scenarios.data import data_root
+
 __all__ = ["LabelledTask", "load_tasks", "score"]
 
-_ROOT = Path(__file__).resolve().parent
+_ROOT = data_root()
 TASKS_FILE = _ROOT / "tasks.jsonl"
 
 
@@ -215,7 +217,7 @@ def _generate() -> Iterator[LabelledTask]:
         n += 1
         return LabelledTask(f"{scenario[0]}{n:03d}", scenario, q, intent, route, privacy, coop, expect, split)
 
-    from edgecoop.scenes import synthetic_scene
+    from edgecoop.agents.scenes import synthetic_scene
 
     cams = {}
     for aid, cfg in urban.items():

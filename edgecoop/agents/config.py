@@ -146,7 +146,7 @@ def config_from_dict(data: dict[str, Any], *, source: Path | None = None, **over
         "description": str(a.get("description", "")),
         "privacy": str(a.get("privacy", "public")),
         "domains": tuple(str(d) for d in a.get("domains", ())),
-        "location": Location(**a["location"]) if "location" in a else Location(),
+        "location": Location.from_dict(a["location"]) if "location" in a else Location(),
         "hardware": Hardware(**hw) if hw else None,
         "cost_per_call": float(a.get("cost_per_call", 0.0)),
         "latency_ms": float(a.get("latency_ms", 0.0)),

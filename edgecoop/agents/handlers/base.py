@@ -95,7 +95,7 @@ _BUILTIN: dict[str, str] = {
     "cloud": "edgecoop.agents.handlers.cloud:CloudHandler",
     "camera": "edgecoop.agents.handlers.camera:CameraHandler",
     "rulebook": "edgecoop.agents.handlers.rulebook:RulebookHandler",
-    "cloud-reference": "edgecoop.agents.handlers.refcloud:ReferenceCloudHandler",
+    "cloud-reference": "edgecoop.scenarios.refcloud:ReferenceCloudHandler",
 }
 _REGISTERED: dict[str, type[Handler]] = {}
 

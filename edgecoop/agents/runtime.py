@@ -137,7 +137,7 @@ class Agent:
         await client.publish(self.topics.card(self.agent_id), encode(self.card().to_dict()), qos=1, retain=True)
         await client.publish(self.topics.status(self.agent_id), self._status_payload(True), qos=1, retain=True)
         if self.config.home_assistant:  # opt-in Home Assistant MQTT discovery + JSON status mirror
-            from edgecoop.hass import publish_discovery
+            from edgecoop.agents.hass import publish_discovery
 
             await publish_discovery(client, self.card(), self.topics)
         self.counters["births"] += 1
@@ -156,7 +156,7 @@ class Agent:
         await self.conn.publish(self.topics.card(self.agent_id), b"", qos=1, retain=True)
         await self.conn.publish(self.topics.status(self.agent_id), b"", qos=1, retain=True)
         if self.config.home_assistant:
-            from edgecoop.hass import publish_removal
+            from edgecoop.agents.hass import publish_removal
 
             await publish_removal(self.conn, self.card(), self.topics)
         self.counters["deregistered"] += 1
@@ -195,7 +195,7 @@ class Agent:
                 async with asyncio.timeout(2):
                     await self.conn.publish(self.topics.status(self.agent_id), self._status_payload(False), retain=True)
                     if self.config.home_assistant:
-                        from edgecoop.hass import publish_ha_offline
+                        from edgecoop.agents.hass import publish_ha_offline
 
                         await publish_ha_offline(self.conn, self.topics, self.agent_id, self.epoch)
         for t in self._loops:

@@ -8,17 +8,17 @@ from typing import Any
 from edgecoop.agents.config import AgentConfig, load_agent_config
 from edgecoop.connection import BrokerSettings
 from edgecoop.errors import ConfigError
+from edgecoop.scenarios.data import data_root
 
 __all__ = ["SCENARIOS", "load_scenario", "scenario_dir"]
 
 SCENARIOS = ("urban", "health")
-_ROOT = Path(__file__).resolve().parent
 
 
 def scenario_dir(name: str) -> Path:
     if name not in SCENARIOS:
         raise ConfigError(f"unknown scenario {name!r}; choose one of {', '.join(SCENARIOS)}")
-    return _ROOT / name
+    return data_root() / name
 
 
 def load_scenario(
