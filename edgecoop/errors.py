@@ -14,8 +14,11 @@
     ├── RequestError                                    a request/response exchange failed
     │   ├── RequestTimeout(RequestError, TimeoutError)  no reply before the deadline
     │   ├── RemoteError                                 the responder answered with an error reply
-    │   └── NoAgentError                                discovery found no agent able to serve
+    │   ├── NoAgentError                                discovery found no agent able to serve
+    │   └── AgentWentOffline                            the agent's Last Will arrived during the request
+    ├── StepFailed                                      a plan step found no agent that served it
     ├── CapabilityError                                 a handler cannot serve this input
+    ├── A2AError                                        an A2A (JSON-RPC) request refused, with its JSON-RPC code
     └── DependencyMissing(EdgecoopError, ImportError)   an optional extra is not installed
 
 Every error carries structured attributes where they make sense (``topic``, ``agent_id``,
@@ -25,6 +28,8 @@ Every error carries structured attributes where they make sense (``topic``, ``ag
 from __future__ import annotations
 
 __all__ = [
+    "A2AError",
+    "AgentWentOffline",
     "BrokerError",
     "CapabilityError",
     "ConfigError",
@@ -38,6 +43,7 @@ __all__ = [
     "RequestError",
     "RequestTimeout",
     "SchemaError",
+    "StepFailed",
     "TopicError",
     "WireError",
 ]
@@ -135,6 +141,30 @@ class CapabilityError(EdgecoopError):
     code = "capability"
 
 
+class A2AError(EdgecoopError):
+    """An A2A-over-MQTT request the gateway refuses: ``rpc_code`` is the JSON-RPC error code the A2A and MQTT
+    binding specifications name for it (-32700 parse error, -32005 transport protocol error, ...)."""
+
+    code = "a2a"
+
+    def __init__(
+        self,
+        rpc_code: int,
+        message: str,
+        *,
+        request_id: str | int | None = None,
+        reason: str = "",
+        details: dict[str, object] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.rpc_code = rpc_code
+        #: the JSON-RPC id of the refused request (None when it could not be read)
+        self.request_id = request_id
+        #: a google.rpc.ErrorInfo reason for custom errors (PERMISSION_DENIED)
+        self.reason = reason
+        self.details = details or {}
+
+
 class DependencyMissing(EdgecoopError, ImportError):
     code = "dependency_missing"
 
@@ -142,3 +172,15 @@ class DependencyMissing(EdgecoopError, ImportError):
         super().__init__(f"{module} is not installed: pip install 'edgecoop[{extra}]'")
         self.module = module
         self.extra = extra
+
+
+class AgentWentOffline(RequestError):
+    """The CMS reported the agent offline while it held our request: re-dispatch without waiting the deadline."""
+
+    code = "agent_offline"
+
+
+class StepFailed(EdgecoopError):
+    """A plan step could not be served by any agent (after re-dispatch); the task fails with this reason."""
+
+    code = "step_failed"

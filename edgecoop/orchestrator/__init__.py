@@ -1,19 +1,20 @@
-"""Classifier Engine, scheduling strategies and the Task Orchestrator."""
+"""Classifier Engine (task specifications over the live vocabulary), scheduling strategies, Task Orchestrator."""
 
-from edgecoop.orchestrator.classifier import Classification, RuleClassifier, SlmClassifier
-from edgecoop.orchestrator.engine import Engine, TaskOutcome, TaskSpec
-from edgecoop.orchestrator.intents import Intent
+from edgecoop.orchestrator.engine import Engine, Submission, TaskOutcome
+from edgecoop.orchestrator.parser import FastParser, Parser
 from edgecoop.orchestrator.service import Orchestrator
+from edgecoop.orchestrator.spec import Operation, Target, TaskSpec
 from edgecoop.orchestrator.strategies import STRATEGIES, get_strategy
 
 __all__ = [
     "STRATEGIES",
-    "Classification",
     "Engine",
-    "Intent",
+    "FastParser",
+    "Operation",
     "Orchestrator",
-    "RuleClassifier",
-    "SlmClassifier",
+    "Parser",
+    "Submission",
+    "Target",
     "TaskOutcome",
     "TaskSpec",
     "get_strategy",

@@ -1,7 +1,9 @@
-"""Runs one task: classify, plan from the CMS, dispatch with deadlines, re-dispatch, aggregate, escalate.
+"""Runs one task: understand it (a typed spec over the live vocabulary), plan it from the CMS, dispatch with
+deadlines, re-dispatch, aggregate, and escalate to the cloud only what is public, open and general.
 
-Transport-agnostic apart from the :class:`~edgecoop.rpc.Requester` it dispatches through; the MQTT service
-around it is :mod:`edgecoop.orchestrator.service`.
+A question about the edge's own world (its modalities, places, knowledge) is answered at the edge, refused with the
+reason, or asked back; it never goes to the cloud. Transport-agnostic apart from the :class:`~edgecoop.rpc.Requester`
+it dispatches through; the MQTT service around it is :mod:`edgecoop.orchestrator.service`.
 """
 
 from __future__ import annotations
@@ -18,17 +20,20 @@ from typing import Any
 from edgecoop.cms.discovery import DiscoveryQuery, Match
 from edgecoop.cms.mirror import CmsMirror
 from edgecoop.cms.sites import SiteCosts
-from edgecoop.errors import BrokerError, EdgecoopError, RequestError, TopicError
-from edgecoop.orchestrator.classifier import Classification, Classifier
-from edgecoop.orchestrator.compose import Answer, compose
-from edgecoop.orchestrator.plans import Plan, Step, build_plan, cloud_plan
+from edgecoop.errors import AgentWentOffline, BrokerError, RequestError, StepFailed, TopicError
+from edgecoop.orchestrator.compose import Answer
+from edgecoop.orchestrator.operations import OPERATIONS, UnservableError
+from edgecoop.orchestrator.parser import FastParser, Parser, privacy_of
+from edgecoop.orchestrator.plans import Plan, Step, cloud_plan, slm_plan
 from edgecoop.orchestrator.relevance import rank_declared
+from edgecoop.orchestrator.spec import Operation, TaskSpec, strictest
 from edgecoop.orchestrator.strategies import Strategy
+from edgecoop.orchestrator.vocabulary import Vocabulary
 from edgecoop.rpc import Requester
 from edgecoop.wire import encode
 from edgecoop.worker import Worker
 
-__all__ = ["Engine", "StepFailed", "TaskOutcome", "TaskSpec"]
+__all__ = ["Engine", "StepFailed", "Submission", "TaskOutcome"]
 
 log = logging.getLogger(__name__)
 Emit = Callable[[str, Mapping[str, Any]], Awaitable[None]]
@@ -36,18 +41,16 @@ Emit = Callable[[str, Mapping[str, Any]], Awaitable[None]]
 NEAR_BAND = 0.5
 MAX_ATTEMPTS = 3  # agents tried per round
 MAX_ROUNDS = 4  # rounds of attempts when failures were transient (agent offline, broker link down)
-AGENT_GRACE_S = 10.0
-PLACE_BOUND = frozenset(
-    {"sensor", "camera"}
-)  # kinds whose answer depends on where the agent is  # how long a step waits for a capable agent to (re)appear
-
-
-class StepFailed(EdgecoopError):
-    code = "step_failed"
+AGENT_GRACE_S = 10.0  # how long a step waits for a capable agent to (re)appear
+PLACE_BOUND = frozenset({"sensor", "camera"})  # kinds whose answer depends on where the agent is
+#: below this the fast parser asks the model-backed parser (when one is configured)
+MODEL_THRESHOLD = 0.6
+#: an open question escalates only when the parser is at least this sure it is general knowledge
+GENERAL_THRESHOLD = 0.6
 
 
 @dataclass(frozen=True, slots=True)
-class TaskSpec:
+class Submission:
     task_id: str
     question: str
     privacy: str | None = None
@@ -61,7 +64,7 @@ class TaskOutcome:
     state: str  # done | failed | timed_out
     answer: Answer | None
     tier: str  # edge | cloud | none
-    classification: Classification | None
+    classification: TaskSpec | None
     plan: dict[str, Any]
     trace: list[dict[str, Any]] = field(default_factory=list)
     reason: str = ""
@@ -69,6 +72,8 @@ class TaskOutcome:
     cloud_bytes: int = 0
     cloud_calls: int = 0
     latency_ms: float = 0.0
+    privacy: str = "public"
+    parse_ms: float = 0.0
 
     def to_dict(self, task_id: str) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -76,7 +81,10 @@ class TaskOutcome:
             "reason": self.reason, "plan": self.plan, "trace": self.trace, "cost": round(self.cost, 6),
             "cloud_calls": self.cloud_calls, "cloud_bytes": self.cloud_bytes, "latency_ms": round(self.latency_ms, 2),
             "classification": self.classification.to_dict() if self.classification else None,
+            "privacy": self.privacy, "parse_ms": round(self.parse_ms, 3),
         }  # fmt: skip
+        if d["classification"] is not None:
+            d["classification"]["privacy"] = self.privacy
         d |= self.answer.to_dict() if self.answer else {"answer": self.reason, "value": None, "decision": None,
                                                          "sources": [], "confidence": 0.0}  # fmt: skip
         return d
@@ -84,9 +92,10 @@ class TaskOutcome:
 
 @dataclass
 class _Run:
-    spec: TaskSpec
+    sub: Submission
     strategy: Strategy
-    c: Classification
+    spec: TaskSpec
+    privacy: str
     deadline: float
     emit: Emit
     trace: list[dict[str, Any]] = field(default_factory=list)
@@ -106,98 +115,129 @@ def _sensor_name(card: Mapping[str, Any], modality: str | None) -> str | None:
     return next((s["name"] for s in card.get("sensors", []) if s.get("modality") == modality), None)
 
 
+def _refusal(text: str, spec: TaskSpec | None, privacy: str, *, decision: str = "refused",
+             options: Sequence[str] = ()) -> TaskOutcome:  # fmt: skip
+    answer = Answer(text, decision=decision, confidence=1.0, options=list(options))
+    return TaskOutcome("done", answer, "none", spec, {"shape": "none"}, reason=text, privacy=privacy)
+
+
 class Engine:
     def __init__(
-        self, mirror: CmsMirror, requester: Requester, classifier: Classifier, *, sites: SiteCosts | None = None
+        self,
+        mirror: CmsMirror,
+        requester: Requester,
+        parser: Parser | None = None,
+        *,
+        model_parser: Parser | None = None,
+        sites: SiteCosts | None = None,
+        policy: str | None = None,
     ) -> None:
         self.mirror = mirror
         self.requester = requester
-        self.classifier = classifier
+        self.parser = parser or FastParser()
+        self.model_parser = model_parser
+        #: the submitter's or site's privacy floor (a health orchestrator may be private by default)
+        self.policy = policy
         #: our site and the network cost of the others: local agents first, then near sites, then the cloud
         self.sites = sites or SiteCosts(requester.site)
-        self._classify_worker = Worker("classifier") if classifier.name != "rule" else None
-        self._places: list[str] = []
-        self._place_names: set[str] = set()
-        #: (place, kind, modality) that some agent has served: worth waiting for when it is away
-        self._place_kinds: set[tuple[str, str, str | None]] = set()
-        self._places_version = -1
+        self._model_worker = Worker("parser") if model_parser is not None else None
+        self.vocab = Vocabulary()
+        self._vocab_version = -1
 
     def close(self) -> None:
-        if self._classify_worker is not None:
-            self._classify_worker.close()
+        if self._model_worker is not None:
+            self._model_worker.close()
 
-    async def places(self) -> list[str]:
-        if self._places_version != self.mirror.version:
-            self._places_version = self.mirror.version
+    async def vocabulary(self) -> Vocabulary:
+        """The vocabulary, refreshed from the CMS when a card changed (names stay known after agents leave)."""
+        if self._vocab_version != self.mirror.version:
+            self._vocab_version = self.mirror.version
+            snapshot = await self.mirror.query(lambda store: store.snapshot())
+            self.vocab.update({k: v for k, v in snapshot.items() if v.get("capabilities")})
+        return self.vocab
 
-            def names(store: Any) -> list[str]:
-                rows = store.db.execute("SELECT DISTINCT location_name FROM agents WHERE location_name != ''")
-                return [r[0] for r in rows]
-
-            # Place names are vocabulary, not availability: a place whose agents are away (a broker restart
-            # without persistence empties the retained cards until they reconnect) is still a place.
-            self._place_names.update(await self.mirror.query(names))
-            self._places = sorted(self._place_names)
-        return self._places
-
-    async def classify(self, spec: TaskSpec) -> Classification:
-        places = await self.places()
-        if self._classify_worker is None:
-            return self.classifier.classify(spec.question, places=places, privacy=spec.privacy)
-        return await self._classify_worker.run(
-            self.classifier.classify, spec.question, places=places, privacy=spec.privacy
-        )
+    async def understand(self, question: str, privacy: str | None = None) -> TaskSpec:
+        vocab = await self.vocabulary()
+        spec = self.parser.parse(question, vocab, privacy=privacy)
+        if self.model_parser is not None and self._model_worker is not None and spec.confidence < MODEL_THRESHOLD:
+            spec = await self._model_worker.run(self.model_parser.parse, question, vocab, privacy=privacy)
+        return spec
 
     # -- the task -------------------------------------------------------------------------------------------
-    async def run(self, spec: TaskSpec, strategy: Strategy, emit: Emit) -> TaskOutcome:
+    async def run(self, sub: Submission, strategy: Strategy, emit: Emit) -> TaskOutcome:
         started = time.monotonic()
-        c = await self.classify(spec)
-        run = _Run(spec, strategy, c, started + spec.deadline_s, emit)
-        await emit("classified", {"classification": c.to_dict()})
-        outcome = await self._run_classified(run)
+        spec = await self.understand(sub.question, sub.privacy)
+        parse_ms = (time.monotonic() - started) * 1000
+        privacy = privacy_of(spec, self.vocab, policy=strictest(self.policy, sub.privacy))
+        run = _Run(sub, strategy, spec, privacy, started + sub.deadline_s, emit)
+        await emit("classified", {"classification": spec.to_dict() | {"privacy": privacy}})
+        outcome = await self._run_spec(run)
         outcome.latency_ms = (time.monotonic() - started) * 1000
+        outcome.parse_ms, outcome.privacy = parse_ms, privacy
         outcome.trace, outcome.cost = run.trace, run.cost
         outcome.cloud_bytes, outcome.cloud_calls = run.cloud_bytes, run.cloud_calls
         return outcome
 
-    async def _run_classified(self, run: _Run) -> TaskOutcome:
-        c, spec = run.c, run.spec
-        private = c.privacy == "private"
-        cloud_ok = not private and run.strategy.name != "edge-only"
-        if private and not c.edge_capable:
-            text = ("This request involves private health data and needs more than the edge can do; "
-                    "it was not sent to the cloud. Please ask a clinician.")  # fmt: skip
-            return TaskOutcome("done", Answer(text, decision="refused", confidence=1.0), "none", c, {"shape": "none"})
-        tier = run.strategy.tier(c) if cloud_ok else "edge"
-        if tier == "cloud":
-            return await self._cloud(run, reason="strategy")
-        plan = build_plan(c, spec.question, summarize=spec.summarize)
+    async def _run_spec(self, run: _Run) -> TaskOutcome:
+        spec, sub = run.spec, run.sub
+        if spec.unknown:
+            return _refusal(f"I cannot answer this at the edge: {spec.unknown}.", spec, run.privacy)
+        if spec.ask:
+            return _refusal(spec.ask, spec, run.privacy, decision="clarify", options=spec.options)
+        if spec.operation is Operation.OPEN:
+            return await self._open(run)
+        op = OPERATIONS[spec.operation]
+        try:
+            plan = op.plan(spec, sub.question, summarize=sub.summarize)
+        except UnservableError as exc:
+            return _refusal(f"I cannot answer this at the edge: {exc}.", spec, run.privacy)
         await run.emit("planned", {"plan": self._describe(plan)})
         try:
             results = await self._execute(run, plan)
-            answer = compose(c, results, spec.question)
-        except (StepFailed, KeyError, ValueError, TypeError) as exc:
-            reason = f"edge could not serve the task: {exc}"
-            if cloud_ok:
-                return await self._cloud(run, reason=reason)
-            if private:
-                reason += " (private task: the cloud was not used)"
-            return TaskOutcome("failed", None, "edge", c, self._describe(plan), reason=reason)
-        if run.strategy.escalate and cloud_ok and answer.confidence < 0.5:
+            answer = op.answer(spec, results, self.vocab)
+        except (StepFailed, UnservableError, KeyError, ValueError, TypeError) as exc:
+            # about the edge's own world: a clear failure with the reason, never a cloud guess
+            reason = f"the edge could not serve the task: {exc}"
+            return TaskOutcome("failed", None, "edge", spec, self._describe(plan), reason=reason)
+        return TaskOutcome("done", answer, "edge", spec, self._describe(plan))
+
+    async def _open(self, run: _Run) -> TaskOutcome:
+        spec = run.spec
+        if run.privacy != "public":
+            return _refusal(
+                f"This question is {run.privacy} (personal or site data) and the edge has no agent that answers it; "
+                "it was not sent to the cloud.", spec, run.privacy,
+            )  # fmt: skip
+        if not spec.general or spec.confidence < GENERAL_THRESHOLD:
+            return _refusal("I did not understand this as a question about this edge's agents, and I am not sure it "
+                            "is general knowledge, so I will not guess. Please rephrase.", spec, run.privacy)  # fmt: skip
+        if run.strategy.tier(spec) == "cloud":
+            return await self._cloud(run, reason="strategy")
+        plan = slm_plan(run.sub.question)
+        await run.emit("planned", {"plan": self._describe(plan)})
+        try:
+            results = await self._execute(run, plan)
+            answer = OPERATIONS[Operation.OPEN].answer(spec, results, self.vocab)
+        except StepFailed as exc:
+            if run.strategy.escalate and run.strategy.name != "edge-only":
+                return await self._cloud(run, reason=f"edge failed: {exc}")
+            return TaskOutcome("failed", None, "edge", spec, self._describe(plan), reason=f"edge failed: {exc}")
+        if run.strategy.escalate and answer.confidence < 0.5:
             return await self._cloud(run, reason=f"low edge confidence {answer.confidence:.2f}")
-        return TaskOutcome("done", answer, "edge", c, self._describe(plan))
+        return TaskOutcome("done", answer, "edge", spec, self._describe(plan))
 
     async def _cloud(self, run: _Run, *, reason: str) -> TaskOutcome:
-        plan = cloud_plan(run.spec.question)
+        if run.privacy != "public" or run.spec.operation is not Operation.OPEN:  # defence in depth
+            raise StepFailed("refusing to send a non-public or world task to the cloud")
+        plan = cloud_plan(run.sub.question)
         await run.emit("escalated", {"reason": reason, "plan": self._describe(plan)})
         try:
             results = await self._execute(run, plan)
         except StepFailed as exc:
             why = f"{reason}; cloud failed: {exc}" if reason != "strategy" else f"cloud failed: {exc}"
-            return TaskOutcome("failed", None, "cloud", run.c, self._describe(plan), reason=why)
-        # whatever the intent, a cloud answer is the model's text (no structured value to trust)
-        answer = Answer(str(results["cloud"].get("text", "")).strip() or "(empty answer)", confidence=0.95)
-        return TaskOutcome("done", answer, "cloud", run.c, self._describe(plan), reason=reason)
+            return TaskOutcome("failed", None, "cloud", run.spec, self._describe(plan), reason=why)
+        answer = OPERATIONS[Operation.OPEN].answer(run.spec, results, self.vocab)
+        return TaskOutcome("done", answer, "cloud", run.spec, self._describe(plan), reason=reason)
 
     def _describe(self, plan: Plan) -> dict[str, Any]:
         return {"shape": plan.shape, "tier": plan.tier, "stages": [[s.describe() for s in st] for st in plan.stages]}
@@ -219,7 +259,7 @@ class Engine:
                 results[step.name] = out
             if any(s.name == "summary" for st in plan.stages for s in st):
                 try:
-                    results["_facts"] = compose(run.c, results, run.spec.question).facts
+                    results["_facts"] = OPERATIONS[run.spec.operation].answer(run.spec, results, self.vocab).facts
                 except (KeyError, ValueError, TypeError):
                     results["_facts"] = ""
         return results
@@ -235,23 +275,23 @@ class Engine:
             found = await self.mirror.discover(DiscoveryQuery(need=q.need, kind=step.kind, limit=50))
         if q.need:  # agent-written prose never moves an agent: re-scored on declared fields only (relevance.py)
             found = rank_declared(q.need, found)
-        if run.c.privacy == "private":
-            found = [m for m in found if m.card.get("privacy") in ("private", "site") and step.kind != "cloud"]
-        if run.strategy.semantic and run.c.place and step.kind in PLACE_BOUND:
+        if step.agent is not None:
+            found = [m for m in found if m.agent_id == step.agent]
+        if step.private_only:
+            found = [m for m in found if m.card.get("privacy", "public") != "public"]
+        if run.privacy == "private" and step.kind == "cloud":
+            found = []
+        if step.place and step.kind in PLACE_BOUND:
             # Data about a named place comes from agents at that place. If the only such agent is offline
             # right now, wait for it (no candidates) rather than answer with another place's data.
-            here = [m for m in found if m.card.get("location", {}).get("name") == run.c.place]
-            key = (run.c.place, step.kind, step.modality)
+            here = [m for m in found if m.card.get("location", {}).get("name") == step.place]
             if here:
-                self._place_kinds.add(key)
                 return here
             everywhere = await self.mirror.discover(dataclasses.replace(q, online_only=False))
-            if key in self._place_kinds or any(
-                m.card.get("location", {}).get("name") == run.c.place for m in everywhere
-            ):
-                return []
+            if any(m.card.get("location", {}).get("name") == step.place for m in everywhere):
+                return []  # its agent is away: wait for it (AGENT_GRACE_S), then "no online agent"
             kind = step.kind + (f" ({step.modality})" if step.modality else "")
-            raise StepFailed(f"no agent at {run.c.place} offers {kind}")
+            raise StepFailed(f"no agent at {step.place} offers {kind}")
         return found
 
     async def _wait_for_change(self, seconds: float) -> None:
@@ -342,8 +382,8 @@ class Engine:
             raise StepFailed("task deadline passed")
         tier = "cloud" if step.kind == "cloud" else "edge"
         if tier == "cloud":
-            if run.c.privacy == "private":  # defence in depth: never, whatever the plan says
-                raise StepFailed("refusing to send a private task to the cloud")
+            if run.privacy != "public" or run.spec.operation is not Operation.OPEN:  # never, whatever the plan says
+                raise StepFailed("refusing to send a non-public or world task to the cloud")
             run.cloud_calls += 1
             run.cloud_bytes += len(encode(data))
         t0 = time.monotonic()
@@ -355,14 +395,14 @@ class Engine:
         try:
             # the request id is the same every time this task asks this agent for this step - also after an
             # orchestrator restart - so the agent executes it once and answers re-sends from its outbox
-            rid = f"{run.spec.task_id}.{step.name}.{m.agent_id}"
+            rid = f"{run.sub.task_id}.{step.name}.{m.agent_id}"
             if pool:
                 entry["agent"] = f"pool:{pool}"  # whichever worker takes it; the answer names it
-                resp = await self._pool_request_unless_offline(pool, cap, data, timeout, run.spec.task_id)
+                resp = await self._pool_request_unless_offline(pool, cap, data, timeout, run.sub.task_id)
                 entry["agent"] = resp.agent_id or entry["agent"]
             else:
                 resp = await self._request_unless_offline(
-                    m.agent_id, cap, data, timeout, run.spec.task_id, rid, site=m.card.get("site")
+                    m.agent_id, cap, data, timeout, run.sub.task_id, rid, site=m.card.get("site")
                 )
         except (RequestError, BrokerError, TopicError) as exc:
             entry |= {"ok": False, "ms": round((time.monotonic() - t0) * 1000, 2), "error": str(exc)}
@@ -372,6 +412,8 @@ class Engine:
         entry |= {"ok": True, "ms": round((time.monotonic() - t0) * 1000, 2)}
         run.trace.append(entry)
         result = dict(resp.result)
+        if step.kind in PLACE_BOUND:
+            result.setdefault("location", m.card.get("location", {}).get("name") or m.agent_id)
         if tier == "cloud":
             run.cost += float(result.get("cost", 0.0))
         await run.emit("step_done", {"step": entry})
@@ -408,10 +450,6 @@ async def _watch_any_offline(mirror: CmsMirror, agent_ids: Sequence[str]) -> Non
         return any((st := store.status(a)) is not None and not st[0] for a in agent_ids)
 
     await mirror.wait_for(offline, timeout=None)
-
-
-class AgentWentOffline(RequestError):
-    code = "agent_offline"
 
 
 async def _unless_offline(request: asyncio.Future[Any], watch: asyncio.Future[None], gone: str) -> Any:

@@ -24,8 +24,8 @@ from edgecoop.cms.sites import SiteCosts
 from edgecoop.connection import BrokerSettings, Connection, Message, State
 from edgecoop.errors import EdgecoopError, SchemaError, TopicError, WireError
 from edgecoop.messages import Status
-from edgecoop.orchestrator.classifier import Classifier, RuleClassifier
-from edgecoop.orchestrator.engine import Engine, TaskOutcome, TaskSpec
+from edgecoop.orchestrator.engine import Engine, Submission, TaskOutcome
+from edgecoop.orchestrator.parser import Parser
 from edgecoop.orchestrator.store import TaskStore
 from edgecoop.orchestrator.strategies import STRATEGIES, Strategy, get_strategy
 from edgecoop.overload import DropMonitor
@@ -80,7 +80,9 @@ class Orchestrator:
         topics: Topics | None = None,
         orchestrator_id: str = "orchestrator",
         strategy: str = "capability-aware",
-        classifier: Classifier | None = None,
+        parser: Parser | None = None,
+        model_parser: Parser | None = None,
+        privacy_policy: str | None = None,
         db_path: str | Path = ":memory:",
         max_concurrent: int = 256,
         default_deadline_s: float = 60.0,
@@ -96,7 +98,9 @@ class Orchestrator:
         self.default_strategy = get_strategy(strategy, seed)
         self._strategies: dict[str, Strategy] = {strategy: self.default_strategy}
         self._seed = seed
-        self.classifier = classifier or RuleClassifier()
+        self.parser = parser
+        self.model_parser = model_parser
+        self.privacy_policy = privacy_policy
         self.default_deadline_s = default_deadline_s
         self.summarize = summarize
         self._db_path = db_path
@@ -136,7 +140,8 @@ class Orchestrator:
             self.orchestrator_id, self.counters, publish=self._publish_alarm, suspects=self.requester.backlog,
             on_drops=self.requester.note_drops, clear_after_s=alarm_clear_after_s,
         )  # fmt: skip
-        self.engine = Engine(self.mirror, self.requester, self.classifier, sites=self.sites)
+        self.engine = Engine(self.mirror, self.requester, parser, model_parser=model_parser, sites=self.sites,
+                             policy=privacy_policy)  # fmt: skip
         self.state = State.NEW
 
     def strategy(self, name: str | None) -> Strategy:
@@ -252,7 +257,7 @@ class Orchestrator:
 
     # -- running ---------------------------------------------------------------------------------------------
     async def _run(self, task_id: str, sub: Mapping[str, Any], route: ReplyContext | None) -> None:
-        spec = TaskSpec(
+        spec = Submission(
             task_id, sub["question"], sub.get("privacy"), float(sub.get("deadline_s", self.default_deadline_s)),
             bool(sub.get("summarize", self.summarize)), sub.get("strategy"),
         )  # fmt: skip

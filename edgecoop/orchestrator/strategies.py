@@ -1,8 +1,8 @@
 """Scheduling strategies: which tier serves a task, and which agents serve each step.
 
 All strategies see the same candidates from the CMS; they differ in how they use the classification, the
-semantic match and the live load. Privacy is not a strategy's business: the orchestrator removes the cloud
-tier for private tasks before any strategy is asked.
+semantic match and the live load. Privacy is not a strategy's business, and neither is the edge's own world: the engine asks a strategy
+for a tier only for public, general open questions; every other task is served at the edge or refused.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from edgecoop.cms.discovery import Match
 from edgecoop.errors import ConfigError
-from edgecoop.orchestrator.classifier import Classification
+from edgecoop.orchestrator.spec import TaskSpec
 
 __all__ = ["STRATEGIES", "Strategy", "get_strategy"]
 
@@ -35,7 +35,7 @@ class Strategy:
     def __init__(self, seed: int = 0) -> None:
         self.rng = random.Random(seed)
 
-    def tier(self, c: Classification) -> str:
+    def tier(self, c: TaskSpec) -> str:
         """'edge' or 'cloud' for a task the cloud may serve."""
         return "edge" if c.edge_capable else "cloud"
 
@@ -48,7 +48,7 @@ class CloudOnly(Strategy):
     name = "cloud-only"
     description = "every task the cloud may see goes to the cloud LLM"
 
-    def tier(self, c: Classification) -> str:
+    def tier(self, c: TaskSpec) -> str:
         return "cloud"
 
 
@@ -57,7 +57,7 @@ class EdgeOnly(Strategy):
     description = "never the cloud; best semantic match on the edge"
     semantic = True
 
-    def tier(self, c: Classification) -> str:
+    def tier(self, c: TaskSpec) -> str:
         return "edge"
 
     def order(self, candidates: Sequence[Match], key: str) -> list[Match]:
@@ -68,7 +68,7 @@ class RandomStrategy(Strategy):
     name = "random"
     description = "random tier, random agent of the right kind"
 
-    def tier(self, c: Classification) -> str:
+    def tier(self, c: TaskSpec) -> str:
         return self.rng.choice(("edge", "cloud"))
 
     def order(self, candidates: Sequence[Match], key: str) -> list[Match]:
@@ -115,7 +115,7 @@ class Cascade(CapabilityAware):
     description = "always try the edge first; escalate to the cloud on failure or low confidence"
     escalate = True
 
-    def tier(self, c: Classification) -> str:
+    def tier(self, c: TaskSpec) -> str:
         return "edge"
 
 

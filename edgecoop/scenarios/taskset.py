@@ -91,9 +91,23 @@ def _rules(scenario: str) -> dict[str, dict[str, Any]]:
 
 
 def _judge(value: float, rule: Mapping[str, Any]) -> str:
-    from edgecoop.orchestrator.compose import judge
+    """The label's decision, computed here and not by the orchestrator's code (ground truth stays independent)."""
+    kind = rule.get("kind", "max")
+    high = rule.get("high", rule.get("value") if kind == "max" else None)
+    low = rule.get("low", rule.get("value") if kind == "min" else None)
+    if high is not None and value > float(high):
+        return "above"
+    if low is not None and value < float(low):
+        return "below"
+    return "within"
 
-    return judge(value, rule)
+
+#: the cooperation types of this (older, templated) set's intent labels
+_COOPERATION = {
+    "count_vehicles": ("data", "computation"), "congestion": ("data", "computation", "knowledge"),
+    "reading": ("data",), "reading_check": ("data", "knowledge"), "area_reading": ("data",),
+    "vitals_summary": ("data", "computation"), "knowledge": ("knowledge",), "open": ("computation",),
+}  # fmt: skip
 
 
 def _sensor(cfg: Mapping[str, Any], modality: str) -> dict[str, Any] | None:
@@ -385,9 +399,7 @@ def _generate() -> Iterator[LabelledTask]:
         expect: dict[str, Any] = {"kind": "intent-only"}
         if intent == "count_vehicles":
             expect = {"kind": "count", "value": held_truth, "tol": 1, "reference": f"{held_truth} vehicles"}
-        from edgecoop.orchestrator.intents import INTENTS, Intent
-
-        coop = INTENTS[Intent(intent)].cooperation
+        coop = _COOPERATION[intent]
         yield task(scenario, q, intent, route, "private" if private else "public", coop, expect, split="holdout")
     _ = rng
 

@@ -8,6 +8,13 @@ the number itself, with its source. A rulebook is a TOML file of rules::
     value = 15
     unit = "µg/m³"
     source = "WHO global air quality guidelines 2021 (24-hour mean)"
+    modality = "pm25"     # what the rule binds to: the orchestrator asks for the limits of a modality
+    default = true        # the one used when the user names no other (one per modality and domain)
+    domain = "air"        # optional: only for data of agents in this domain (fever is not a kitchen limit)
+    above = "unsafe"      # optional decision words; default "above" / "below" / "within"
+
+Requests: ``{"op": "rule", "key": K}``, ``{"op": "list"}``, ``{"op": "limits", "modality": M}`` (every rule bound to
+M, default first).
 """
 
 from __future__ import annotations
@@ -59,8 +66,15 @@ class RulebookHandler(Handler):
         op = request_input.get("op", "rule")
         if op == "list":
             return {"keys": sorted(self.rules)}
+        if op == "limits":
+            modality = request_input.get("modality")
+            if not isinstance(modality, str):
+                raise CapabilityError("limits needs a modality")
+            found = [{"key": k, **r} for k, r in sorted(self.rules.items()) if r.get("modality") == modality]
+            found.sort(key=lambda r: not r.get("default", False))
+            return {"modality": modality, "rules": found}
         if op != "rule":
-            raise CapabilityError(f"unknown rulebook op {op!r}; use 'rule' or 'list'")
+            raise CapabilityError(f"unknown rulebook op {op!r}; use 'rule', 'limits' or 'list'")
         key = request_input.get("key")
         if not isinstance(key, str) or key not in self.rules:
             raise CapabilityError(f"no rule {key!r}; known: {', '.join(sorted(self.rules))}")

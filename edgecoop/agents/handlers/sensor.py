@@ -156,6 +156,19 @@ class Episode:
         return 0 <= phase < self.duration_s
 
 
+_NUMBER = ((int, float), "a number")
+#: the expected type of each scalar sensor option (SensorSpec's fields)
+_OPTION_TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
+    **dict.fromkeys(("name", "pattern", "modality", "unit", "label", "source"), (str, "a string")),
+    **dict.fromkeys(
+        ("rate_hz", "base", "amplitude", "noise", "period_s", "peak_hour", "utc_offset_h", "time_scale", "lo", "hi"),
+        _NUMBER,
+    ),
+    **dict.fromkeys(("seed", "decimals"), (int, "an integer")),
+    "episodes": (list, "an array of tables {every_s, duration_s, delta, offset_s}"),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class SensorSpec:
     """One configured sensor; unset numbers come from the pattern's preset."""
@@ -194,6 +207,10 @@ class SensorSpec:
         where = f"sensor {name!r}"
         if unknown:
             raise ConfigError(f"{where}: unknown option(s) {unknown}; known: {sorted(known)}")
+        for key, value in d.items():  # types first: `rate_hz = "fast"` is a message, not a TypeError later
+            expected = _OPTION_TYPES.get(key)
+            if expected is not None and (isinstance(value, bool) or not isinstance(value, expected[0])):
+                raise ConfigError(f"{where}: {key} must be {expected[1]}, not {value!r}")
         try:
             validate_id(name, "sensor name")
         except TopicError as exc:

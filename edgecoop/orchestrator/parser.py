@@ -1,0 +1,398 @@
+"""The Classifier Engine's fast parser: a question -> a :class:`TaskSpec`, matched against the live vocabulary.
+
+Microseconds to a millisecond, no model. Operation cues come from ``lexicon.toml`` (English), every modality, place
+and knowledge source from the cards (:class:`Vocabulary`). What it cannot resolve it says: an unknown place, a
+quantity nobody measures at the named place, a past time live sensors cannot serve, an ambiguous place (asked
+back with the options).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from edgecoop.orchestrator.spec import Limit, Operation, Target, TaskSpec, strictest
+from edgecoop.orchestrator.text import find_phrase, match_phrase, normalise, similar, tokens
+from edgecoop.orchestrator.vocabulary import Lexicon, Phrase, Vocabulary, lexicon
+
+__all__ = ["FastParser", "Parser", "personal_content"]
+
+
+class Parser(Protocol):
+    name: str
+
+    def parse(self, question: str, vocab: Vocabulary, *, privacy: str | None = None) -> TaskSpec: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Hit:
+    name: str
+    start: int
+    length: int
+    exact: bool
+
+
+def _best(words: Sequence[str], name: str, phrases: set[Phrase] | Sequence[Phrase]) -> _Hit | None:
+    best: _Hit | None = None
+    for ph in phrases:
+        for fuzzy in (False, True):
+            m = match_phrase(words, ph, fuzzy=fuzzy)
+            if m is not None:
+                hit = _Hit(name, m[0], m[1], not fuzzy)
+                if best is None or (hit.length, hit.exact) > (best.length, best.exact):
+                    best = hit
+                break
+    return best
+
+
+def _has(words: Sequence[str], phrases: Sequence[Phrase], *, fuzzy: bool = False) -> bool:
+    return any(find_phrase(words, p, fuzzy=fuzzy) >= 0 for p in phrases)
+
+
+def _overlaps(a: _Hit, b: _Hit) -> bool:
+    return a.start < b.start + b.length and b.start < a.start + a.length
+
+
+def personal_content(words: Sequence[str], lex: Lexicon | None = None) -> bool:
+    """First person about the asker, or a sensitive topic: private. Unsure counts as personal (fails closed)."""
+    lex = lex or lexicon()
+    first = any(w in lex.first_person for w in words)
+    sensitive = _has(words, lex.sensitive)
+    if sensitive:
+        return True
+    return first and not _has(words, lex.public_world)
+
+
+_NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
+
+
+class FastParser:
+    """Lexical matching of the question against the live vocabulary."""
+
+    name = "fast"
+
+    def parse(self, question: str, vocab: Vocabulary, *, privacy: str | None = None) -> TaskSpec:
+        lex = lexicon()
+        words = tokens(question)
+        personal = personal_content(words, lex) or privacy == "private"
+        places = self._places(words, vocab)
+        quantities = [
+            h
+            for h in (_best(words, q.modality, q.phrases) for q in vocab.quantities.values())
+            if h is not None and not any(_overlaps(h, p) for p in places)
+        ]
+        quantities = _dedupe(quantities)
+        objects = [
+            h
+            for h in (_best(words, name, phs) for name, (_op, phs) in lex.objects.items())
+            if h is not None and not any(_overlaps(h, p) for p in places)
+        ]
+        spans = [*places, *quantities, *objects]
+        fuzzy = not all(h.exact for h in spans)
+        confidence = 0.75 if fuzzy else 0.95
+        world = bool(places or quantities or objects)
+        base = TaskSpec(Operation.OPEN, personal=personal, confidence=confidence)
+        place_names = [p.name for p in sorted(places, key=lambda h: h.start)]
+
+        unknown = self._unknown_place(question, words, spans, vocab)
+        if re.search(r"\b(19|20)\d\d\b", " ".join(words)) and (quantities or objects):
+            return replace(base, unknown="live sensors cannot answer about another year")
+        if unknown:
+            return replace(base, unknown=f"no agent is at a place called {unknown!r}; known places: "
+                           f"{', '.join(sorted(vocab.places))}", confidence=0.9)  # fmt: skip
+        if _has(words, lex.actions) and (world or personal):
+            return replace(base, unknown="the edge answers questions; it does not act (upload, send, share) for you")
+        if _has(words, lex.past) and (quantities or objects):
+            return replace(base, unknown="live sensors cannot answer about another time than now or a recent window")
+
+        agg, window_s = self._agg_window(words, lex)
+        limit = self._limit(words, spans, lex)
+        check = _has(words, lex.operations["check"]) or limit is not None
+        area = _has(words, lex.operations["area"])
+        lookup_cue = _has(words, lex.operations["lookup"])
+        live = _has(words, lex.operations["live"])
+
+        general_cue = _has(words, lex.general)
+        if general_cue and not places and not quantities:
+            return replace(base, general=not personal, confidence=0.95)
+        if not quantities and not objects and any(w in ("level", "levels", "index", "concentration") for w in words):
+            at = f" at {place_names[0]}" if place_names else ""
+            return replace(base, unknown=f"no agent{at} measures that; known quantities: "
+                           f"{', '.join(sorted(q.name for q in vocab.quantities.values()))}")  # fmt: skip
+        if (quantities or objects) and not place_names:
+            loose = self._loose_unknown(words, spans, vocab)
+            if loose:
+                return replace(base, unknown=f"no agent is at a place called {loose!r}; known places: "
+                               f"{', '.join(sorted(vocab.places))}")  # fmt: skip
+        # every vital sign of the asker together
+        summarise = _has(words, lex.operations["summarise"])
+        if personal and summarise and (len(quantities) != 1 or not check) and not place_names:
+            mine = sorted({(q.modality, p) for q in vocab.quantities.values() for p, c in q.places.items()
+                           if c != "public"})  # fmt: skip
+            if mine:
+                targets = tuple(Target(m, None, agg, window_s) for m in sorted({m for m, _ in mine}))
+                return replace(base, operation=Operation.SUMMARISE, targets=targets)
+
+        if objects and not quantities:
+            obj = objects[0].name
+            cams = sorted(vocab.cameras)
+            where = [p for p in place_names if p in vocab.cameras]
+            if place_names and not where:
+                return replace(base, unknown=f"no camera at {place_names[0]}; cameras are at {', '.join(cams)}")
+            if not where:
+                if len(cams) != 1:
+                    return replace(base, ask=f"Which camera: {', '.join(cams)}?", options=tuple(cams))
+                where = cams
+            op = Operation.CHECK if check and not _has(words, lex.operations["count"]) else Operation.COUNT
+            if op is Operation.COUNT and check and _has(words, _phrases_of(lex, "congest")):
+                op = Operation.CHECK
+            return replace(base, operation=op, targets=(Target(obj, where[0]),), limit=limit)
+
+        if quantities:
+            targets_mod = [h.name for h in sorted(quantities, key=lambda h: h.start)]
+            personal_reading = personal and not place_names
+            doc_question = not place_names and not live and not personal_reading and not area
+            if doc_question and lookup_cue and (not check or _asks_for_rule(words)):
+                return self._lookup(base, words, vocab, quantities)
+            if doc_question and _asks_for_rule(words) and _has(words, _RULE_WORDS):
+                return self._lookup(base, words, vocab, quantities)
+            if len(place_names) >= 2 and not area:
+                m = targets_mod[0]
+                missing = [p for p in place_names if p not in vocab.providers(m)]
+                if missing:
+                    return replace(base, unknown=_nothing_at(vocab, m, missing[0]))
+                targets = tuple(Target(m, p, agg, window_s) for p in place_names)
+                return replace(base, operation=Operation.COMPARE, targets=targets)
+            if not place_names and not personal_reading and (area or (agg != "latest" and not window_s)):
+                m = targets_mod[0]
+                public = [p for p, c in vocab.providers(m).items() if c == "public"]
+                if len(public) >= 2 or area:
+                    return replace(base, operation=Operation.AGGREGATE,
+                                   targets=(Target(m, None, agg if agg != "latest" else "mean", window_s),))  # fmt: skip
+            targets_l: list[Target] = []
+            for m in targets_mod:
+                place, problem = self._place_for(m, place_names, personal_reading, vocab)
+                if problem:
+                    return replace(base, **problem)  # type: ignore[arg-type]
+                targets_l.append(Target(m, place, agg, window_s))
+            op = Operation.CHECK if check else Operation.READ
+            return replace(base, operation=op, targets=tuple(targets_l), limit=limit)
+
+        # nothing measurable: a document question, the world without a question we know, or an open question
+        if lookup_cue or (places and vocab.knowledge):
+            spec = self._lookup(base, words, vocab, [])
+            if spec.knowledge_agent or lookup_cue:
+                return spec
+        if places:
+            offered = vocab.describe_place(place_names[0])
+            return replace(base, ask=f"What would you like to know about {place_names[0]}? I can tell you: "
+                           f"{', '.join(offered)}.", options=tuple(offered))  # fmt: skip
+        if not personal:
+            k = self._lookup(base, words, vocab, [])
+            if k.knowledge_agent and k.confidence >= 0.6:
+                return k
+        general = not personal and not unknown
+        cue = _has(words, lex.general)
+        return replace(base, general=general, confidence=0.95 if cue else 0.6)
+
+    # -- pieces -------------------------------------------------------------------------------------------------
+    def _places(self, words: Sequence[str], vocab: Vocabulary) -> list[_Hit]:
+        hits = [h for h in (_best(words, p.name, p.phrases) for p in vocab.places.values()) if h is not None]
+        generic = {"which", "what", "every", "each", "all", "any", "other", "of"}
+        # "which station", "the air stations": a kind of place, not the one place whose alias the word is
+        hits = [h for h in hits if not (h.length == 1 and (
+            (h.start > 0 and words[h.start - 1] in generic) or (h.start > 1 and words[h.start - 2] in generic
+                                                                 and words[h.start - 1] not in vocab_words(vocab))
+            or (words[h.start].endswith("s") and not h.exact)))]  # fmt: skip
+        # a longer match wins where two overlap ("Old Town Square" over an alias word of another place)
+        hits.sort(key=lambda h: (-h.length, not h.exact, h.start))
+        kept: list[_Hit] = []
+        for h in hits:
+            if not any(_overlaps(h, k) for k in kept):
+                kept.append(h)
+        return kept
+
+    def _unknown_place(self, question: str, words: Sequence[str], spans: Sequence[_Hit], vocab: Vocabulary) -> str:
+        lex = lexicon()
+        covered = {i for h in spans for i in range(h.start, h.start + h.length)}
+        known_words = {w for p in vocab.places.values() for ph in p.phrases for w in ph}
+        single = {h.start for h in spans if h.length == 1}
+        for i, w in enumerate(words):
+            if (i in covered and i not in single) or w not in lex.place_heads or i == 0:
+                continue
+            prev = words[i - 1]
+            if (i - 1) in covered or prev in lex.stopwords or prev in lex.not_places or prev in known_words:
+                continue
+            if any(similar(prev, k) for k in known_words) or prev.isdigit():
+                continue
+            return f"{prev} {w}".title()
+        # "at Narnia", "near Atlantis": a capitalised name after a preposition that no card knows
+        for m in re.finditer(r"\b(?:at|in|near|around|by)\s+(?:the\s+)?([A-Z][\w'-]+(?:\s+[A-Z][\w'-]+)*)", question):
+            name = [n for n in tokens(m.group(1)) if n not in lex.stopwords]
+            unknown = [n for n in name if not any(similar(n, k) for k in known_words)]
+            vocab_q = {w for q in vocab.quantities.values() for p in q.phrases for w in p}
+            if unknown and name[0] not in lex.not_places and not any(n in vocab_q for n in unknown):
+                return m.group(1)
+        return ""
+
+    def _loose_unknown(self, words: Sequence[str], spans: Sequence[_Hit], vocab: Vocabulary) -> str:
+        """'in the bathroom': a lower-case word after at/in/near that names no place, quantity or time."""
+        lex = lexicon()
+        covered = {i for h in spans for i in range(h.start, h.start + h.length)}
+        known = vocab_words(vocab) | {w for q in vocab.quantities.values() for p in q.phrases for w in p}
+        for i, w in enumerate(words[:-1]):
+            if w not in ("at", "in", "near", "inside", "outside"):
+                continue
+            j = i + 2 if words[i + 1] == "the" and i + 2 < len(words) else i + 1
+            x = words[j]
+            if j in covered or x in lex.stopwords or x in lex.not_places or x in known or x.isdigit():
+                continue
+            if any(find_phrase([x], p, fuzzy=False) >= 0 for ps in lex.operations.values() for p in ps):
+                continue
+            return x
+        return ""
+
+    def _agg_window(self, words: Sequence[str], lex: Lexicon) -> tuple[str, int]:
+        agg = next((a for a, phs in lex.aggregations.items() if _has(words, phs)), "latest")
+        window_s = 0
+        for i, w in enumerate(words[:-1]):
+            if w in ("last", "past", "previous") and i + 2 < len(words) + 1:
+                n, unit = words[i + 1], words[i + 2] if i + 2 < len(words) else ""
+                if _NUMBER.match(n) and unit in lex.window_units:
+                    window_s = int(float(n) * lex.window_units[unit])
+        for ph, secs in lex.window_phrases.items():
+            if not window_s and find_phrase(words, ph, fuzzy=False) >= 0:
+                window_s = secs
+        if window_s and agg == "latest":
+            agg = "mean"
+        return agg, window_s
+
+    def _limit(self, words: Sequence[str], spans: Sequence[_Hit], lex: Lexicon) -> Limit | None:
+        covered = {i for h in spans for i in range(h.start, h.start + h.length)}
+        for i, w in enumerate(words):
+            if i in covered or not _NUMBER.match(w):
+                continue
+            before = words[max(0, i - 5) : i]
+            after = words[i + 1] if i + 1 < len(words) else ""
+            if any(b in ("last", "past", "previous", "line", "bus") for b in before[-2:]) or after in lex.window_units:
+                continue
+            if any(b in ("limit", "threshold", "over", "above", "below", "under", "exceed", "exceeds", "than", "of",
+                         "beyond", "max", "maximum", "minimum", "min") for b in before):  # fmt: skip
+                return Limit(float(w))
+        return None
+
+    def _place_for(
+        self, modality: str, place_names: Sequence[str], personal: bool, vocab: Vocabulary
+    ) -> tuple[str | None, dict[str, object]]:
+        providers = vocab.providers(modality)
+        if place_names:
+            here = [p for p in place_names if p in providers]
+            if here:
+                return here[0], {}
+            return None, {"unknown": _nothing_at(vocab, modality, place_names[0])}
+        if personal:
+            mine = [p for p, c in providers.items() if c != "public"]
+            if mine:
+                return None, {}  # the asker's own agents: the plan keeps to non-public providers
+        public = sorted(p for p, c in providers.items() if c == "public")
+        if len(public) == 1 and not personal:
+            return public[0], {}
+        options = public or sorted(providers)
+        name = vocab.quantities[modality].name
+        return None, {
+            "ask": f"Which place do you mean for the {name}: {', '.join(options)}?",
+            "options": tuple(options),
+        }
+
+    def _lookup(self, base: TaskSpec, words: Sequence[str], vocab: Vocabulary, quantities: Sequence[_Hit]) -> TaskSpec:
+        """The knowledge agent whose declared domains and tags best match the question (idf-weighted)."""
+        lex = lexicon()
+        sources = list(vocab.knowledge.values())
+        if not sources:
+            return replace(base, operation=Operation.LOOKUP, unknown="no knowledge agent is known")
+        content = [w for w in words if w not in lex.stopwords and len(w) > 2]
+        df = {w: sum(1 for k in sources if any(similar(w, t) for t in k.terms)) for w in set(content)}
+        domains = {d for h in quantities for d in vocab.quantities[h.name].domains}
+        best, best_score = None, 0.0
+        for k in sources:
+            score = sum(math.log(1 + len(sources) / df[w]) for w in set(content) if df[w] and
+                        any(similar(w, t) for t in k.terms))  # fmt: skip
+            score += 2.0 * len(domains & k.domains)
+            if score > best_score:
+                best, best_score = k, score
+        if best is None:
+            if _has(words, lex.general) and not base.personal:
+                return replace(base, general=True, confidence=0.9)
+            return replace(base, operation=Operation.LOOKUP, confidence=0.3,
+                           unknown="no knowledge agent covers this question")  # fmt: skip
+        conf = min(0.95, 0.4 + 0.15 * best_score)
+        personal = base.personal or (best.privacy != "public" and base.personal)
+        return replace(base, operation=Operation.LOOKUP, knowledge_agent=best.agent_id, confidence=conf,
+                       personal=personal)  # fmt: skip
+
+
+_RULE_WORDS = tuple(
+    (w,)
+    for w in (
+        "limit",
+        "limits",
+        "guideline",
+        "guidelines",
+        "normal",
+        "threshold",
+        "range",
+        "target",
+        "value",
+        "recommended",
+        "safe",
+    )
+)
+
+
+def vocab_words(vocab: Vocabulary) -> set[str]:
+    return {w for p in vocab.places.values() for ph in p.phrases for w in ph}
+
+
+def _phrases_of(lex: Lexicon, stem: str) -> list[Phrase]:
+    return [p for p in lex.operations["check"] if any(w.startswith(stem) for w in p)]
+
+
+def _asks_for_rule(words: Sequence[str]) -> bool:
+    """'What is the limit for NO2?' asks a document; 'Is NO2 above the limit?' asks a check."""
+    return bool(words) and words[0] in ("what", "whats", "what's", "which", "how", "when", "explain", "according")
+
+
+def _dedupe(hits: list[_Hit]) -> list[_Hit]:
+    """Overlapping quantity matches: the longer phrase wins ("heart rate" over "rate")."""
+    hits = sorted(hits, key=lambda h: (-h.length, not h.exact, h.start))
+    kept: list[_Hit] = []
+    for h in hits:
+        if not any(_overlaps(h, k) for k in kept):
+            kept.append(h)
+    return kept
+
+
+def _nothing_at(vocab: Vocabulary, modality: str, place: str) -> str:
+    q = vocab.quantities[modality]
+    where = ", ".join(sorted(q.places)) or "nowhere"
+    return f"no agent at {place} measures {q.name} (it is measured at: {where})"
+
+
+def privacy_of(spec: TaskSpec, vocab: Vocabulary, *, policy: str | None = None) -> str:
+    """The strictest of: the data the spec touches, the submitter's or site's policy, the personal detector."""
+    classes: list[str | None] = [policy, "private" if spec.personal else None]
+    for t in spec.targets:
+        provs = vocab.providers(t.modality)
+        if t.place is not None:
+            classes.append(provs.get(t.place, "public"))
+        else:
+            classes.extend(c for c in provs.values() if c == "public")
+    if spec.knowledge_agent and spec.knowledge_agent in vocab.knowledge:
+        classes.append(vocab.knowledge[spec.knowledge_agent].privacy)
+    return strictest(*classes)
+
+
+_ = normalise  # re-exported for parsers built on this one

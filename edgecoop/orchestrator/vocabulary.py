@@ -1,0 +1,208 @@
+"""The orchestrator's vocabulary, learnt from the live capability cards: quantities, places, knowledge sources.
+
+Nothing here names a modality, place or domain: sensors declare their modality, unit, label and the words people
+use (``words``); locations declare aliases; knowledge agents declare domains and tags. Distinctive words of a place
+name become aliases by themselves ("the park" is City Park when no other place is a park). Names stay known after
+their agents leave (vocabulary is not availability), so a question about an agent that is away gets a clear "no
+agent" instead of being mistaken for an open question.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from edgecoop.orchestrator.text import tokens
+
+__all__ = ["Knowledge", "Lexicon", "Place", "Quantity", "Vocabulary", "lexicon"]
+
+Phrase = tuple[str, ...]
+#: kinds whose agents stand at a place of the edge's world (a cloud region or a control room is not such a place)
+DATA_KINDS = frozenset({"sensor", "camera"})
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    """The English of operations (``lexicon.toml``): cue phrases per operation, aggregation and topic."""
+
+    operations: dict[str, tuple[Phrase, ...]]
+    aggregations: dict[str, tuple[Phrase, ...]]
+    window_units: dict[str, int]
+    window_phrases: dict[Phrase, int]
+    past: tuple[Phrase, ...]
+    objects: dict[str, tuple[str, tuple[Phrase, ...]]]  # name -> (vision op, phrases)
+    first_person: frozenset[str]
+    sensitive: tuple[Phrase, ...]
+    public_world: tuple[Phrase, ...]
+    general: tuple[Phrase, ...]
+    stopwords: frozenset[str]
+    actions: tuple[Phrase, ...]
+    not_places: frozenset[str]
+    place_heads: frozenset[str]
+
+
+def _phrases(items: Iterable[str]) -> tuple[Phrase, ...]:
+    return tuple(p for p in (tuple(tokens(i)) for i in items) if p)
+
+
+@cache
+def lexicon() -> Lexicon:
+    data = tomllib.loads(resources.files("edgecoop.orchestrator").joinpath("lexicon.toml").read_text("utf-8"))
+    ops = data["operations"]
+    return Lexicon(
+        operations={k: _phrases(v) for k, v in ops.items() if k != "actions"},
+        aggregations={k: _phrases(v) for k, v in data["aggregations"].items()},
+        window_units={str(k): int(v) for k, v in data["windows"]["units"].items()},
+        window_phrases={tuple(tokens(k)): int(v) for k, v in data["windows"]["phrases"].items()},
+        past=_phrases(data["time"]["past"]),
+        objects={k: (str(v["op"]), _phrases(v["words"])) for k, v in data["objects"].items()},
+        first_person=frozenset(data["personal"]["first_person"]),
+        sensitive=_phrases(data["personal"]["sensitive"]),
+        public_world=_phrases(data["personal"]["public_world"]),
+        general=_phrases(data["general"]["cues"]),
+        stopwords=frozenset(data["stopwords"]["words"]),
+        actions=_phrases(ops.get("actions", [])),
+        not_places=frozenset(data["places"]["not_places"]),
+        place_heads=frozenset(data["places"]["heads"]),
+    )
+
+
+@dataclass
+class Quantity:
+    modality: str
+    unit: str = ""
+    label: str = ""
+    phrases: set[Phrase] = field(default_factory=set)
+    places: dict[str, str] = field(default_factory=dict)  # place -> strictest privacy class of its providers
+    domains: set[str] = field(default_factory=set)
+    labels: dict[str, str] = field(default_factory=dict)  # place -> its sensor's own label
+    #: domains of the agents at each place (a rule bound to a domain applies only there)
+    place_domains: dict[str, set[str]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.label or self.modality.replace("_", " ")
+
+    def label_at(self, place: str | None) -> str:
+        return self.labels.get(place or "", "") or self.name
+
+
+@dataclass
+class Place:
+    name: str
+    phrases: set[Phrase] = field(default_factory=set)
+    kinds: set[str] = field(default_factory=set)
+    privacy: str = "public"
+
+
+@dataclass
+class Knowledge:
+    agent_id: str
+    terms: set[str] = field(default_factory=set)
+    domains: set[str] = field(default_factory=set)
+    privacy: str = "public"
+
+
+class Vocabulary:
+    """What the edge's world is made of, from cards. ``update`` merges a CMS snapshot (cards by agent id)."""
+
+    def __init__(self) -> None:
+        self.quantities: dict[str, Quantity] = {}
+        self.places: dict[str, Place] = {}
+        self.knowledge: dict[str, Knowledge] = {}
+        self.cameras: dict[str, set[str]] = {}  # place -> camera agent ids
+        self.vision = False
+        self.version = 0
+
+    # -- learning ----------------------------------------------------------------------------------------------
+    def update(self, cards: Mapping[str, Mapping[str, Any]]) -> None:
+        for card in cards.values():
+            if isinstance(card, Mapping) and card.get("capabilities"):
+                self._learn(card)
+        self._alias_places()
+        self.version += 1
+
+    def _learn(self, card: Mapping[str, Any]) -> None:
+        caps = [c for c in card.get("capabilities", []) if isinstance(c, Mapping)]
+        kinds = {str(c.get("kind", "")) for c in caps}
+        privacy = str(card.get("privacy", "public"))
+        loc = card.get("location") or {}
+        place_name = str(loc.get("name") or "") if kinds & DATA_KINDS else ""
+        if place_name:
+            place = self.places.setdefault(place_name, Place(place_name))
+            place.kinds |= kinds & DATA_KINDS
+            place.phrases.add(tuple(tokens(place_name)))
+            place.phrases |= {tuple(tokens(a)) for a in loc.get("aliases", ()) if tokens(a)}
+            place.privacy = privacy if privacy != "public" else place.privacy
+            if "camera" in kinds:
+                self.cameras.setdefault(place_name, set()).add(str(card.get("agent_id")))
+        if "vision" in kinds:
+            self.vision = True
+        # a camera's frame stream is not a quantity people ask for; sensors of sensor capabilities are
+        sensors = [s for s in card.get("sensors", []) if isinstance(s, Mapping) and s.get("modality")]
+        if "sensor" not in kinds:
+            sensors = []
+        sensor_caps = [c for c in caps if c.get("kind") == "sensor"]
+        for s in sensors:
+            q = self.quantities.setdefault(str(s["modality"]), Quantity(str(s["modality"])))
+            q.unit = q.unit or str(s.get("unit", ""))
+            q.label = q.label or str(s.get("label", ""))
+            if place_name and s.get("label"):
+                q.labels[place_name] = str(s["label"])
+            q.phrases |= {p for p in _phrases([str(s["modality"]).replace("_", " "), str(s.get("label", ""))]) if p}
+            q.phrases |= set(_phrases(str(w) for w in s.get("words", ())))
+            q.domains |= {str(d) for d in card.get("domains", ())}
+            if place_name:
+                q.place_domains.setdefault(place_name, set()).update(str(d) for d in card.get("domains", ()))
+                q.places[place_name] = privacy if q.places.get(place_name, "public") == "public" else "private"
+        if len(sensors) == 1 and len(sensor_caps) == 1:  # a one-sensor capability's tags name that sensor
+            q = self.quantities[str(sensors[0]["modality"])]
+            q.phrases |= set(_phrases(str(t) for t in sensor_caps[0].get("tags", ())))
+        for c in caps:
+            if c.get("kind") != "knowledge":
+                continue
+            k = self.knowledge.setdefault(str(card["agent_id"]), Knowledge(str(card["agent_id"])))
+            k.domains |= {str(d) for d in card.get("domains", ())}
+            text = " ".join([str(card.get("description", "")), str(c.get("description", "")),
+                             " ".join(map(str, c.get("tags", ()))), " ".join(k.domains)])  # fmt: skip
+            k.terms |= set(tokens(text)) - lexicon().stopwords
+            k.privacy = privacy
+
+    def _alias_places(self) -> None:
+        """A word of a place name that no other place name, quantity or object uses stands for that place."""
+        lex = lexicon()
+        taken = {w for q in self.quantities.values() for p in q.phrases for w in p}
+        taken |= {w for _, ps in lex.objects.values() for p in ps for w in p}
+        counts: dict[str, int] = {}
+        for p in self.places.values():
+            for w in set(tokens(p.name)):
+                counts[w] = counts.get(w, 0) + 1
+        for p in self.places.values():
+            words = tokens(p.name)
+            for w in words:
+                if (
+                    counts.get(w) == 1
+                    and w not in lex.stopwords | lex.not_places
+                    and w not in taken
+                    and (len(w) >= 4 or w.isdigit())
+                ):
+                    p.phrases.add((w,))
+            for a, b in zip(words, words[1:], strict=False):  # "old town" of Old Town Square
+                if len(words) >= 3 and a not in lex.stopwords:
+                    p.phrases.add((a, b))
+
+    # -- questions about the vocabulary ------------------------------------------------------------------------
+    def providers(self, modality: str) -> dict[str, str]:
+        q = self.quantities.get(modality)
+        return dict(q.places) if q else {}
+
+    def describe_place(self, place: str) -> list[str]:
+        """What can be asked about ``place``: its quantities' names, and "vehicles" where a camera is."""
+        out = [q.name for q in self.quantities.values() if place in q.places]
+        if place in self.cameras and self.vision:
+            out += list(lexicon().objects)
+        return sorted(out)
