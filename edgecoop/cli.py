@@ -206,6 +206,26 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return _run_async(run)
 
 
+# -- a2a gateway ---------------------------------------------------------------------------------------
+def cmd_a2a_gateway(args: argparse.Namespace) -> int:
+    from edgecoop.interop import A2AGateway
+
+    broker = _broker(args)
+
+    async def run() -> None:
+        orchestrator = None if args.no_orchestrator else args.orchestrator
+        async with A2AGateway(broker, topics=Topics(args.prefix), org=args.org, site=args.site, url=args.url,
+                              orchestrator=orchestrator) as gw:  # fmt: skip
+            print(f"A2A gateway: {gw.statistics()['endpoints']} agents on $a2a/v1/discovery/{args.org}/..., "
+                  f"broker {broker.url}", flush=True)  # fmt: skip
+            from edgecoop.systemd import notify_ready, watchdog_loop
+
+            notify_ready()
+            await watchdog_loop()
+
+    return _run_async(run)
+
+
 # -- bench ---------------------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
@@ -383,9 +403,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--db", default="cms.db", help="SQLite file (default cms.db)")
     m.set_defaults(func=cmd_cms_mirror)
 
+    p = sub.add_parser("a2a-gateway", help="expose every agent and the orchestrator as A2A-over-MQTT agents",
+                       description="Publish A2A v1.0 Agent Cards on $a2a/v1/discovery/<org>/<site>/<agent> and "
+                       "answer A2A JSON-RPC requests on $a2a/v1/request/... (docs/interop.md).")  # fmt: skip
+    _add_broker_args(p)
+    p.add_argument("--org", default="edgecoop", help="A2A organisation id (default edgecoop)")
+    p.add_argument("--site", default="default", help="unit of the orchestrator's A2A agent")
+    p.add_argument("--orchestrator", default="city", help="A2A agent id of the orchestrator (default city)")
+    p.add_argument("--no-orchestrator", action="store_true", help="do not expose the orchestrator")
+    p.add_argument("--url", default=None, help="broker URL advertised in the cards (default: the --broker URL)")
+    p.set_defaults(func=cmd_a2a_gateway)
+
     p = sub.add_parser("bench", help="run a benchmark (always with a baseline in the same run)",
                        description="Benchmarks: rpc (vs raw paho), cms (ingest and discovery latency).")  # fmt: skip
-    p.add_argument("which", choices=["rpc", "cms", "scheduling", "slm", "classifier", "scale"], help="which benchmark")
+    p.add_argument(
+        "which", choices=["rpc", "cms", "scheduling", "slm", "classifier", "scale", "a2a"], help="which benchmark"
+    )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--quick", action="store_true", help="smaller workload (smoke run)")
     p.add_argument("--agents", type=int, default=1000, help="scale: number of agents")

@@ -144,8 +144,25 @@ pattern read {p}/sites/+/agents/%u/req/#
 pattern readwrite {p}/sites/+/reply/%u
 pattern write {p}/sites/+/reply/+
 pattern write {p}/sites/+/agents/+/req/#
+# A2A over MQTT ($a2a/v1/..., docs/interop.md; a `#` filter never matches `$` topics, so these are named).
+# Anyone may discover and ask; an agent (user = agent id) may publish only its own A2A card, in any org and unit;
+# an A2A client whose user name is its spec client id {{org}}/{{unit}}/{{agent}} publishes its own card and reads
+# only its own reply topics: the unit in a Response Topic is then the requester's real unit, which the gateway's
+# site check of private agents and tasks relies on.
+pattern read $a2a/v1/discovery/#
+pattern write $a2a/v1/discovery/+/+/%u
+pattern write $a2a/v1/discovery/%u
+pattern write $a2a/v1/request/#
+pattern read $a2a/v1/reply/%u/#
 
-{admin_blocks}"""
+{admin_blocks}
+# the A2A gateway (edgecoop a2a-gateway): A2A cards, requests and replies of every agent it fronts; the CMS, its
+# agents and the task contract (it opens one connection per fronted agent, client id {{org}}/{{unit}}/{{agent}}:
+# give it a listener without use_username_as_clientid, see docs/interop.md)
+user a2a-gateway
+topic readwrite $a2a/v1/#
+topic readwrite {p}/#
+"""
 
 
 def bridge_config(
