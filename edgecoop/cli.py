@@ -14,29 +14,35 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from edgecoop import __version__
 from edgecoop.connection import BrokerSettings
-from edgecoop.errors import EdgecoopError
+from edgecoop.errors import ConfigError, EdgecoopError
+from edgecoop.settings import DEFAULT_BROKER, resolve_broker
 from edgecoop.topics import DEFAULT_PREFIX, Topics
 
 __all__ = ["main"]
 
-DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+#: how long one-shot commands (task, cms query) try to reach the broker before they say it is unreachable
+CLI_CONNECT_TIMEOUT_S = 5.0
 
 
 def _broker(args: argparse.Namespace) -> BrokerSettings:
-    return BrokerSettings.from_url(
-        args.broker,
-        username=os.environ.get("EDGECOOP_USERNAME"),
-        password=os.environ.get("EDGECOOP_PASSWORD"),
-    )
+    """--broker, else EDGECOOP_BROKER, else the default; credentials and TLS files from the environment."""
+    return resolve_broker(flag=args.broker)
+
+
+def _say_broker(broker: BrokerSettings) -> None:
+    """One-shot commands name the broker they use (stderr: stdout stays the answer, e.g. JSON)."""
+    print(f"edgecoop: broker {broker.describe()}", file=sys.stderr, flush=True)
 
 
 def _add_broker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--broker",
-        default=os.environ.get("EDGECOOP_BROKER", DEFAULT_BROKER),
-        help="broker URL mqtt://[user:pass@]host:port (env EDGECOOP_BROKER; credentials also from "
-        "EDGECOOP_USERNAME/EDGECOOP_PASSWORD)",
+        default=None,
+        help=f"broker URL mqtt://[user:pass@]host[:port] or mqtts://... for TLS (default: env EDGECOOP_BROKER, else "
+        f"{DEFAULT_BROKER}; credentials from EDGECOOP_USERNAME/EDGECOOP_PASSWORD, TLS files from EDGECOOP_CA_FILE, "
+        "EDGECOOP_CERT_FILE, EDGECOOP_KEY_FILE)",
     )
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"topic namespace prefix (default {DEFAULT_PREFIX})")
 
@@ -108,10 +114,8 @@ def _wait_for_signal() -> None:
 def cmd_agent(args: argparse.Namespace) -> int:
     from edgecoop.agents import Agent, load_agent_config
 
-    overrides: dict[str, Any] = {}
-    if args.broker:
-        overrides["broker"] = BrokerSettings.from_url(args.broker)
-    config = load_agent_config(args.config, **overrides)
+    # --broker replaces the address only: the file's credentials and TLS files stay
+    config = load_agent_config(args.config, broker_url=args.broker)
 
     async def run() -> None:
         async with Agent(config) as agent:
@@ -119,7 +123,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
                 await agent.deregister()
                 print(f"agent {agent.agent_id} deregistered")
                 return
-            print(f"agent {agent.agent_id} online at {config.broker.url}", flush=True)
+            print(f"agent {agent.agent_id} online at {config.broker.describe()}", flush=True)
             from edgecoop.systemd import notify_ready, watchdog_loop
 
             notify_ready()
@@ -154,11 +158,18 @@ def cmd_cms_query(args: argparse.Namespace) -> int:
         cooperation=args.cooperation, online_only=not args.all, limit=args.limit,
     )  # fmt: skip
 
+    broker = _broker(args)
+    _say_broker(broker)
+    found = []
+
     async def run() -> None:
-        async with CmsMirror(_broker(args), topics=Topics(args.prefix)) as mirror:
+        async with CmsMirror(broker, topics=Topics(args.prefix), connect_timeout=CLI_CONNECT_TIMEOUT_S) as mirror:
             await mirror.sync()
             matches = await mirror.discover(q)
             snapshot = await mirror.snapshot()
+        found.append(len(snapshot))
+        if not snapshot:  # connected, but nothing registered here: a wrong broker or prefix, most likely
+            return
         if args.json:
             print(json.dumps([{**m.to_dict(), "online": snapshot.get(m.agent_id, {}).get("online")}
                               | (costs.annotate(m.card) if args.from_site else {}) for m in matches]))  # fmt: skip
@@ -173,16 +184,23 @@ def cmd_cms_query(args: argparse.Namespace) -> int:
             if m.card.get("description"):
                 print(f"          {m.card['description']}")
 
-    return _run_async(run)
+    _run_async(run)
+    if found == [0]:
+        print(f"edgecoop: no agents are registered on {broker.url} under prefix {args.prefix!r}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_cms_mirror(args: argparse.Namespace) -> int:
     from edgecoop.cms.mirror import CmsMirror
 
+    broker = _broker(args)
+
     async def run() -> None:
-        async with CmsMirror(_broker(args), topics=Topics(args.prefix), db_path=args.db) as mirror:
+        async with CmsMirror(broker, topics=Topics(args.prefix), db_path=args.db) as mirror:
             await mirror.sync()
-            print(f"CMS mirror in sync at {args.db} ({await mirror.query(lambda s: s.count())} agents)", flush=True)
+            print(f"CMS mirror in sync at {args.db} ({await mirror.query(lambda s: s.count())} agents), broker "
+                  f"{broker.describe()}", flush=True)  # fmt: skip
             from edgecoop.systemd import notify_ready, watchdog_loop
 
             notify_ready()
@@ -195,9 +213,16 @@ def cmd_cms_mirror(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from edgecoop.dashboard import Dashboard
 
+    broker = _broker(args)
+
     async def run() -> None:
-        async with Dashboard(_broker(args), Topics(args.prefix), args.host, args.port) as dash:
-            print(f"edgecoop dashboard on {dash.url} (broker {args.broker}, prefix {args.prefix})", flush=True)
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                dash = await stack.enter_async_context(Dashboard(broker, Topics(args.prefix), args.host, args.port))
+            except OSError as exc:  # the port is taken (or not ours to bind): a message, not a traceback
+                raise ConfigError(f"the dashboard cannot listen on {args.host}:{args.port}: {exc.strerror or exc} "
+                                  "(choose another --port or EDGECOOP_DASHBOARD_PORT)") from exc  # fmt: skip
+            print(f"edgecoop dashboard on {dash.url} (broker {broker.describe()}, prefix {args.prefix})", flush=True)
             from edgecoop.systemd import notify_ready, watchdog_loop
 
             notify_ready()
@@ -246,56 +271,60 @@ _ORCH_DEFAULTS: dict[str, Any] = {
 
 
 def _orchestrator_settings(args: argparse.Namespace) -> tuple[dict[str, Any], BrokerSettings, str]:
-    """Flags override the TOML file (``--config``), which overrides the defaults."""
-    import tomllib
+    """Flags override the TOML file (``--config``), which overrides the defaults; the file is checked key by key."""
+    import dataclasses
 
-    from edgecoop.agents.config import broker_from_table
-    from edgecoop.errors import ConfigError
+    from edgecoop.orchestrator.strategies import STRATEGIES
+    from edgecoop.settings import (
+        ORCHESTRATOR_TABLES,
+        BrokerTable,
+        OrchestratorTable,
+        check_tables,
+        from_table,
+        read_toml,
+    )
 
-    conf: dict[str, Any] = {}
-    broker_table: dict[str, Any] = {}
+    table, broker_table, path = OrchestratorTable(), BrokerTable(), None
     if args.config:
         path = Path(args.config)
-        try:
-            data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"orchestrator config {path}: {exc}") from exc
-        conf = dict(data.get("orchestrator", {}))
-        broker_table = dict(data.get("broker", {}))
-        unknown = set(conf) - set(_ORCH_DEFAULTS)
-        if unknown:
-            raise ConfigError(f"{path}: unknown [orchestrator] keys {sorted(unknown)}; known: {sorted(_ORCH_DEFAULTS)}")
+        data = read_toml(path, "orchestrator config")
+        check_tables(data, ORCHESTRATOR_TABLES, str(path))
+        table = from_table(OrchestratorTable, data.get("orchestrator", {}), f"{path}: [orchestrator]")
+        broker_table = from_table(BrokerTable, data.get("broker", {}), f"{path}: [broker]")
+        if table.strategy not in STRATEGIES:
+            raise ConfigError(f"{path}: [orchestrator] strategy: expected one of {', '.join(sorted(STRATEGIES))}, "
+                              f"got {table.strategy!r}")  # fmt: skip
+    conf = dataclasses.asdict(table)
     settings = {
         k: getattr(args, k) if getattr(args, k) is not None else conf.get(k, d) for k, d in _ORCH_DEFAULTS.items()
     }
-    if args.broker is not None:
-        broker = _broker(args)
-    else:
-        broker = broker_from_table(broker_table, Path(args.config).parent if args.config else None)
-    prefix = args.prefix or str(broker_table.get("prefix", DEFAULT_PREFIX))
+    broker = resolve_broker(flag=args.broker, table=broker_table, source=path)
+    prefix = args.prefix or broker_table.prefix
     return settings, broker, prefix
 
 
 def cmd_orchestrator(args: argparse.Namespace) -> int:
     from edgecoop.cms.sites import parse_site_costs
-    from edgecoop.orchestrator import Orchestrator, RuleClassifier, SlmClassifier
-    from edgecoop.orchestrator.classifier import Classifier
+    from edgecoop.orchestrator import Orchestrator, Parser
 
     conf, broker, prefix = _orchestrator_settings(args)
-    classifier: Classifier = RuleClassifier()
+    # "rule": the fast parser over the live vocabulary; "slm": plus the grammar-constrained model when it is unsure
+    model_parser: Parser | None = None
     if conf["classifier"] == "slm":
         from edgecoop.models import resolve_model
+        from edgecoop.orchestrator.modelparser import ModelParser
 
-        classifier = SlmClassifier(str(resolve_model(conf["model"])))
+        model_parser = ModelParser(str(resolve_model(conf["model"])))
+    parser_name = "fast+model" if model_parser else "fast"
 
     async def run() -> None:
         async with Orchestrator(
             broker, topics=Topics(prefix), orchestrator_id=conf["id"], strategy=conf["strategy"],
-            classifier=classifier, db_path=conf["db"], summarize=bool(conf["summarize"]),
+            model_parser=model_parser, db_path=conf["db"], summarize=bool(conf["summarize"]),
             site=conf["site"], site_costs=parse_site_costs(conf["site_costs"]),
         ):  # fmt: skip
             print(
-                f"orchestrator {conf['id']} ({conf['strategy']}, {classifier.name} classifier) on {broker.url}",
+                f"orchestrator {conf['id']} ({conf['strategy']}, {parser_name} parser) on {broker.describe()}",
                 flush=True,
             )
             from edgecoop.systemd import notify_ready, watchdog_loop
@@ -307,15 +336,19 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
 
 
 def cmd_task(args: argparse.Namespace) -> int:
-    from edgecoop.taskclient import submit_task
+    from edgecoop.taskclient import TaskClient
 
     result: dict[str, Any] = {}
+    broker = _broker(args)
+    _say_broker(broker)
 
     async def run() -> None:
-        result.update(
-            await submit_task(_broker(args), args.question, topics=Topics(args.prefix), timeout=args.timeout,
-                              strategy=args.strategy, privacy=args.privacy, summarize=args.summarize or None)
-        )  # fmt: skip
+        async with TaskClient(broker, topics=Topics(args.prefix), connect_timeout=CLI_CONNECT_TIMEOUT_S) as client:
+            await client.wait_for_orchestrator()  # none online: say so now, not after --timeout
+            result.update(
+                await client.submit(args.question, timeout=args.timeout, strategy=args.strategy, privacy=args.privacy,
+                                    summarize=args.summarize or None)
+            )  # fmt: skip
 
     _run_async(run)
     if not result:
@@ -356,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="edgecoop: collaborative generative AI at the edge over MQTT 5.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    parser.add_argument("--version", action="version", version=f"edgecoop {__version__}", help="print the version")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("broker", help="run a private Mosquitto, or print broker configs",
@@ -417,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run a benchmark (always with a baseline in the same run)",
                        description="Benchmarks: rpc (vs raw paho), cms (ingest and discovery latency).")  # fmt: skip
     p.add_argument(
-        "which", choices=["rpc", "cms", "scheduling", "slm", "classifier", "scale", "a2a"], help="which benchmark"
+        "which", choices=["rpc", "cms", "scheduling", "slm", "understanding", "scale", "a2a"], help="which benchmark"
     )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--quick", action="store_true", help="smaller workload (smoke run)")

@@ -32,7 +32,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edgecoop.errors import BrokerError, ConnectError, PublishRejected
+from edgecoop.errors import BrokerError, ConfigError, ConnectError, PublishRejected
 
 __all__ = ["BrokerSettings", "Connection", "Message", "State", "props"]
 
@@ -42,6 +42,8 @@ Message = aiomqtt.Message
 Handler = Callable[[Message], Awaitable[None] | object]
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 CONNACK_TIMEOUT_S = 3.0
+#: in the error of a TLS connection whose broker certificate (or host name) did not verify
+_CERT_FAILED = "CERTIFICATE_VERIFY_FAILED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,24 +54,76 @@ class BrokerSettings:
     password: str | None = None
     keepalive: int = 10
     session_expiry_s: int = 3600
+    #: ``mqtts://``: TLS with the broker's certificate checked against ``ca_file`` (else the system's CAs) and
+    #: its host name; never a fallback to plain text
+    tls: bool = False
+    ca_file: str | None = None
+    #: a client certificate and its key, for brokers that require one (``require_certificate true``)
+    cert_file: str | None = None
+    key_file: str | None = None
+    #: where these settings came from ("--broker", "/etc/edgecoop/x.toml [broker] url", ...), for messages
+    origin: str = field(default="", compare=False)
 
     @classmethod
     def from_url(cls, url: str, **kw: Any) -> BrokerSettings:
-        """Parse ``mqtt://[user:pass@]host[:port]``."""
-        from urllib.parse import urlsplit
+        """Parse ``mqtt://[user:pass@]host[:port]`` (plain, default port 1883) or ``mqtts://...`` (TLS, 8883).
+
+        Raises :class:`~edgecoop.errors.ConfigError` for anything else: another scheme, a bad port, a path.
+        """
+        from urllib.parse import unquote, urlsplit
 
         parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        scheme = parts.scheme.lower()
+        if scheme not in ("mqtt", "mqtts"):
+            raise ConfigError(f"{url!r}: the scheme must be mqtt:// (plain) or mqtts:// (TLS), not {scheme}://")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"{url!r}: the port must be a number 1..65535") from exc
+        if not parts.hostname:
+            raise ConfigError(f"{url!r}: no host name")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError(f"{url!r}: a broker URL has no path or query (mqtt://host:port)")
+        tls = scheme == "mqtts"
+        if not tls:
+            for key in ("ca_file", "cert_file", "key_file"):
+                kw.pop(key, None)  # TLS files for a plain-text URL: kept out, so the URL alone says what happens
+        user = kw.pop("username", None)
+        password = kw.pop("password", None)
         return cls(
-            host=parts.hostname or "127.0.0.1",
-            port=parts.port or 1883,
-            username=parts.username or kw.pop("username", None),
-            password=parts.password or kw.pop("password", None),
+            host=parts.hostname,
+            port=port or (8883 if tls else 1883),
+            username=unquote(parts.username) if parts.username else user,
+            password=unquote(parts.password) if parts.password else password,
+            tls=tls,
             **kw,
         )
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    def describe(self) -> str:
+        """The URL, the user and where it came from: what commands print at start."""
+        user = f" as {self.username}" if self.username else ""
+        tls = f", CA {self.ca_file or 'system'}" if self.tls else ""
+        return f"{self.url}{user} (from {self.origin or 'code'}{tls})"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for ``mqtts``: certificate and host name always checked. ``None`` for plain ``mqtt``."""
+        if not self.tls:
+            return None
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"TLS CA file {self.ca_file}: {exc}") from exc
+        if self.cert_file or self.key_file:
+            try:
+                context.load_cert_chain(self.cert_file or "", self.key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"TLS client certificate {self.cert_file} / key {self.key_file}: {exc}") from exc
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
 
 
 #: CONNACK reason codes that retrying with the same settings cannot fix: unsupported protocol version, client id
@@ -676,13 +730,18 @@ class Connection:
         self._on_connect = on_connect
         self._clean_start = clean_start
         self._connect_timeout = connect_timeout
+        #: mqtts: built once, here, so that a missing CA or key file is a ConfigError before any connect
+        self._tls = settings.ssl_context()
         self._max_queued = max_queued_incoming
         self._client: aiomqtt.Client | None = None
         self._path: _DataPath | None = None
         self.connected = asyncio.Event()
         self._first_attempt_done = asyncio.Event()
         self._first_error: BaseException | None = None
-        self._refused: MqttConnectError | None = None
+        self._refused: aiomqtt.MqttError | None = None
+        #: when the current outage began (monotonic), for the loss / reconnect warnings
+        self._down_since: float | None = None
+        self._last_warning = 0.0
         self._tg: asyncio.TaskGroup | None = None
         self._task: asyncio.Task[None]
         self.state = State.NEW
@@ -707,6 +766,11 @@ class Connection:
             raise ConnectError(f"could not connect to {self.settings.url} as {self.client_id!r}{detail}") from exc
         if self._refused is not None:
             await self.__aexit__(None, None, None)
+            if not isinstance(self._refused, MqttConnectError):  # TLS: the broker's certificate did not verify
+                raise ConnectError(
+                    f"TLS to {self.settings.url} failed: {self._refused} (CA file {self.settings.ca_file or 'system'};"
+                    " the certificate must name the host in the URL)"
+                ) from self._refused
             rc = self._refused.rc
             raise ConnectError(
                 f"{self.settings.url} refused {self.client_id!r} (user {self.settings.username!r}): {rc}",
@@ -748,6 +812,7 @@ class Connection:
             clean_start=self._clean_start,
             properties=props(PacketTypes.CONNECT, SessionExpiryInterval=s.session_expiry_s),
             socket_options=[_NODELAY],
+            tls_context=self._tls,  # None: plain mqtt://; never a fallback from mqtts:// to plain text
             max_queued_incoming_messages=self._max_queued,
             # per attempt: aiomqtt ignores a connection reset before CONNACK (e.g. a broker that dies while
             # accepting), so a long value here would stall every reconnect after a broker restart
@@ -773,6 +838,10 @@ class Connection:
                     await _unless_disconnected(client, self._setup(client))
                     self.connected.set()
                     self._first_attempt_done.set()
+                    if self._down_since is not None:
+                        log.warning("%s: reconnected to %s after %.1f s", self.client_id, self.settings.url,
+                                    time.monotonic() - self._down_since)  # fmt: skip
+                        self._down_since = None
                     log.debug("%s connected to %s", self.client_id, self.settings.url)
                     inbox = path.inbox
                     path.receiving = True
@@ -790,8 +859,12 @@ class Connection:
                         self._first_attempt_done.set()
                         return
                     log.warning("%s: %s refused the reconnect: %s", self.client_id, self.settings.url, exc)
+                elif _CERT_FAILED in str(exc) and not self.counters.connects:
+                    self._refused = exc  # the same certificate will fail the same way: say so now
+                    self._first_attempt_done.set()
+                    return
                 else:
-                    log.info("%s: connection to %s lost or refused: %s", self.client_id, self.settings.url, exc)
+                    self._warn_outage(exc)
             finally:
                 if self.connected.is_set():
                     self.counters.disconnects += 1
@@ -804,6 +877,21 @@ class Connection:
             attempt += 1
             # jittered exponential backoff, capped at ~8 s; the first retry is fast
             await asyncio.sleep(random.uniform(0.05, min(8.0, 0.2 * 1.6**attempt)))
+
+    def _warn_outage(self, exc: BaseException) -> None:
+        """Loud at WARNING (an agent whose broker died must say so): the loss, then every 30 s while it lasts."""
+        now = time.monotonic()
+        log.info("%s: connection to %s lost or refused: %s", self.client_id, self.settings.url, exc)  # every attempt
+        if self.connected.is_set() or (self._down_since is None and self.counters.connects):
+            self._down_since = self._last_warning = now
+            log.warning("%s: connection to %s lost: %s; reconnecting", self.client_id, self.settings.url,
+                        str(exc) or type(exc).__name__)  # fmt: skip
+        elif self._down_since is None:  # the first connect: __aenter__ reports a failure that lasts
+            self._down_since = self._last_warning = now
+        elif now - self._last_warning >= 30.0:
+            self._last_warning = now
+            log.warning("%s: still cannot reach %s (for %.0f s): %s", self.client_id, self.settings.url,
+                        now - self._down_since, exc)  # fmt: skip
 
     async def _setup(self, client: aiomqtt.Client) -> None:
         if self._subscriptions:

@@ -17,7 +17,8 @@ from typing import Any
 import aiomqtt
 
 from edgecoop.connection import BrokerSettings, Connection, Message, State, props
-from edgecoop.errors import EdgecoopError, RequestTimeout, WireError
+from edgecoop.errors import EdgecoopError, NoAgentError, RequestTimeout, WireError
+from edgecoop.messages import Status
 from edgecoop.topics import Topics
 from edgecoop.wire import Format, decode, encode
 
@@ -27,7 +28,7 @@ __all__ = ["TaskClient", "submit_task"]
 class TaskClient:
     def __init__(
         self, settings: BrokerSettings, *, topics: Topics | None = None, client_id: str | None = None,
-        resend_interval: float = 3.0,
+        resend_interval: float = 3.0, connect_timeout: float = 10.0,
     ) -> None:  # fmt: skip
         self.topics = topics or Topics()
         self.client_id = client_id or f"task-{os.urandom(4).hex()}"
@@ -36,9 +37,14 @@ class TaskClient:
         self._pending: dict[str, tuple[bytes, asyncio.Future[dict[str, Any]]]] = {}
         self.resent = 0
         self.bad_replies = 0
+        #: orchestrator id -> online, from their retained status messages
+        self.orchestrators: dict[str, bool] = {}
+        self._orchestrator_seen = asyncio.Event()
+        self._status_head = f"{self.topics.prefix}/orchestrators/"
         self.conn = Connection(
-            settings, self.client_id, subscriptions=[(self.reply_topic, 1)], handler=self._on_message,
-            on_connect=self._on_connect,
+            settings, self.client_id,
+            subscriptions=[(self.reply_topic, 1), (f"{self._status_head}+/status", 1)],
+            handler=self._on_message, on_connect=self._on_connect, connect_timeout=connect_timeout,
         )  # fmt: skip
         self.state = State.NEW
 
@@ -78,6 +84,10 @@ class TaskClient:
                         self.resent += 1
 
     def _on_message(self, message: Message) -> None:
+        topic = message.topic.value
+        if topic.startswith(self._status_head):
+            self._on_status(topic, message.payload)
+            return
         corr = getattr(message.properties, "CorrelationData", None)
         entry = self._pending.get(corr.decode(errors="replace")) if isinstance(corr, bytes) else None
         if entry is None or entry[1].done():
@@ -86,6 +96,29 @@ class TaskClient:
             entry[1].set_result(decode(message.payload if isinstance(message.payload, bytes) else b"")[0])
         except WireError:
             self.bad_replies += 1
+
+    def _on_status(self, topic: str, payload: object) -> None:
+        with contextlib.suppress(WireError):
+            status = Status.from_dict(decode(payload if isinstance(payload, bytes) else b"")[0])
+            self.orchestrators[status.agent_id] = status.online
+            if status.online:
+                self._orchestrator_seen.set()
+
+    async def wait_for_orchestrator(self, timeout: float = 3.0) -> None:
+        """Return once an orchestrator is online (its retained status says so); raise NoAgentError otherwise.
+
+        What ``edgecoop task`` does first: a task published where no orchestrator listens would wait for its
+        whole timeout (120 s) and say only "no answer".
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._orchestrator_seen.wait()
+            return
+        known = ", ".join(f"{k} (offline)" for k in sorted(self.orchestrators)) or "none has ever connected"
+        raise NoAgentError(
+            f"no orchestrator is online on {self.conn.settings.url} under prefix {self.topics.prefix!r} "
+            f"(orchestrators: {known}); start one with `edgecoop orchestrator`, or check --broker and --prefix"
+        )
 
     async def submit(
         self, question: str, *, task_id: str | None = None, timeout: float = 120.0, **fields: Any

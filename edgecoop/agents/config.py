@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import os
 import platform
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from edgecoop.connection import BrokerSettings
 from edgecoop.errors import ConfigError, TopicError
 from edgecoop.messages import PRIVACY_CLASSES, Hardware, Location
+from edgecoop.settings import BrokerTable, check_tables, from_table, read_toml, resolve_broker
 from edgecoop.topics import DEFAULT_PREFIX, validate_id, validate_prefix
 
-__all__ = ["AgentConfig", "CapabilitySpec", "broker_from_table", "detect_hardware", "load_agent_config"]
+__all__ = [
+    "AgentConfig",
+    "AgentTable",
+    "CapabilitySpec",
+    "CapabilityTable",
+    "config_from_dict",
+    "detect_hardware",
+    "load_agent_config",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,79 +102,115 @@ def detect_hardware() -> Hardware:
     return Hardware(cpu=model or platform.machine(), cores=os.cpu_count() or 1, ram_mb=ram_mb, accelerator=accel)
 
 
-def broker_from_table(t: dict[str, Any], base: Path | None = None) -> BrokerSettings:
-    url = str(t.get("url") or os.environ.get("EDGECOOP_BROKER", "mqtt://127.0.0.1:1883"))
-    password = t.get("password") or os.environ.get("EDGECOOP_PASSWORD")
-    if t.get("password_file"):
-        pf = Path(t["password_file"])
-        if base is not None and not pf.is_absolute():
-            pf = base / pf
-        password = pf.read_text().strip()
-    return BrokerSettings.from_url(
-        url,
-        username=t.get("username") or os.environ.get("EDGECOOP_USERNAME"),
-        password=password,
-        keepalive=int(t.get("keepalive", 10)),
-        session_expiry_s=int(t.get("session_expiry_s", 3600)),
-    )
+# -- the file: one typed model per table (edgecoop.settings checks keys and types) ---------------------------
+@dataclass(frozen=True, slots=True)
+class LocationTable:
+    name: str = ""
+    lat: float | None = None
+    lon: float | None = None
+    aliases: tuple[str, ...] = ()
 
 
-def _caps(items: list[dict[str, Any]]) -> tuple[CapabilitySpec, ...]:
-    out = []
-    for i, c in enumerate(items):
-        if "kind" not in c:
-            raise ConfigError(f"capabilities[{i}] needs a 'kind' (echo, slm, vision, sensor, knowledge, cloud)")
-        out.append(
-            CapabilitySpec(
-                name=str(c.get("name", c["kind"])),
-                kind=str(c["kind"]),
-                description=str(c.get("description", "")),
-                tags=tuple(str(t) for t in c.get("tags", ())),
-                max_concurrency=int(c.get("max_concurrency", 1)),
-                options=dict(c.get("options", {})),
-                pool=str(c.get("pool", "")),
-                pool_group=str(c.get("pool_group", "")),
-            )
-        )
-    return tuple(out)
+@dataclass(frozen=True, slots=True)
+class HardwareTable:
+    cpu: str = ""
+    cores: int = 1
+    ram_mb: int = 0
+    accelerator: str = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentTable:
+    """The ``[agent]`` table."""
+
+    agent_id: str = field(metadata={"key": "id"})
+    site: str = "default"
+    description: str = ""
+    privacy: Literal["public", "site", "private"] = "public"
+    domains: tuple[str, ...] = ()
+    location: LocationTable | None = None
+    hardware: HardwareTable | None = None
+    cost_per_call: float = 0.0
+    latency_ms: float = 0.0
+    state_dir: str | None = None
+    home_assistant: bool = False
+    max_queue: int = 1000
+    load_interval_s: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class CapabilityTable:
+    """One ``[[capabilities]]`` entry (its ``options`` table is checked by the handler of its kind)."""
+
+    kind: str
+    name: str | None = None
+    description: str = ""
+    tags: tuple[str, ...] = ()
+    max_concurrency: int = 1
+    options: dict[str, Any] = field(default_factory=dict)
+    pool: str = ""
+    pool_group: str = ""
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ConfigError(f"max_concurrency must be at least 1, not {self.max_concurrency}")
+
+
+#: the tables an agent file may have
+AGENT_TABLES = {"agent": "table", "broker": "table", "capabilities": "array of tables"}
 
 
 def config_from_dict(data: dict[str, Any], *, source: Path | None = None, **overrides: Any) -> AgentConfig:
-    a = data.get("agent", {})
-    if "id" not in a:
-        raise ConfigError(f"{source or 'config'}: [agent] needs an 'id'")
-    base = source.parent if source else None
-    hw = a.get("hardware")
-    state_dir = a.get("state_dir")
+    """Build an agent's config from its parsed TOML; every key and type is checked (ConfigError names them).
+
+    ``overrides`` replace fields of the result (the CLI's ``--broker``, tests' brokers and prefixes).
+    """
+    where = str(source) if source else "agent config"
+    check_tables(data, AGENT_TABLES, where)
+    if "agent" not in data:
+        raise ConfigError(f'{where}: missing table [agent] (with at least id = "...")')
+    a = from_table(AgentTable, data["agent"], f"{where}: [agent]")
+    broker_table = from_table(BrokerTable, data.get("broker", {}), f"{where}: [broker]")
+    caps = []
+    for i, raw in enumerate(data.get("capabilities", [])):
+        c = from_table(CapabilityTable, raw, f"{where}: [[capabilities]] #{i + 1}")
+        caps.append(
+            CapabilitySpec(
+                name=c.name or c.kind, kind=c.kind, description=c.description, tags=c.tags,
+                max_concurrency=c.max_concurrency, options=dict(c.options), pool=c.pool, pool_group=c.pool_group,
+            )
+        )  # fmt: skip
+    loc = a.location
+    hw = a.hardware
     kwargs: dict[str, Any] = {
-        "agent_id": a["id"],
-        "broker": broker_from_table(data.get("broker", {}), base),
-        "prefix": str(data.get("broker", {}).get("prefix", DEFAULT_PREFIX)),
-        "site": str(a.get("site", "default")),
-        "description": str(a.get("description", "")),
-        "privacy": str(a.get("privacy", "public")),
-        "domains": tuple(str(d) for d in a.get("domains", ())),
-        "location": Location.from_dict(a["location"]) if "location" in a else Location(),
-        "hardware": Hardware(**hw) if hw else None,
-        "cost_per_call": float(a.get("cost_per_call", 0.0)),
-        "latency_ms": float(a.get("latency_ms", 0.0)),
-        "capabilities": _caps(data.get("capabilities", [])),
-        "state_dir": Path(state_dir) if state_dir else None,
-        "home_assistant": bool(a.get("home_assistant", False)),
+        "agent_id": a.agent_id,
+        "prefix": broker_table.prefix,
+        "site": a.site,
+        "description": a.description,
+        "privacy": a.privacy,
+        "domains": a.domains,
+        "location": Location(loc.name, loc.lat, loc.lon, loc.aliases) if loc else Location(),
+        "hardware": Hardware(hw.cpu, hw.cores, hw.ram_mb, hw.accelerator) if hw else None,
+        "cost_per_call": a.cost_per_call,
+        "latency_ms": a.latency_ms,
+        "capabilities": tuple(caps),
+        "state_dir": Path(a.state_dir) if a.state_dir else None,
+        "max_queue": a.max_queue,
+        "load_interval_s": a.load_interval_s,
+        "home_assistant": a.home_assistant,
         "source": source,
     }
+    flag = overrides.pop("broker_url", None)
+    if "broker" not in overrides:  # a given BrokerSettings (tests, benchmarks) needs no credentials from anywhere
+        kwargs["broker"] = resolve_broker(flag=flag, table=broker_table, source=source)
     kwargs.update(overrides)
-    return AgentConfig(**kwargs)
+    try:
+        return AgentConfig(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
 
 
 def load_agent_config(path: str | Path, **overrides: Any) -> AgentConfig:
+    """Read an agent's TOML file (``broker_url=`` replaces only the broker's address, as ``--broker`` does)."""
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read agent config {p}: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p}: invalid TOML: {exc}") from exc
-    except TypeError as exc:
-        raise ConfigError(f"{p}: {exc}") from exc
-    return config_from_dict(data, source=p, **overrides)
+    return config_from_dict(read_toml(p, "agent config"), source=p, **overrides)

@@ -19,11 +19,11 @@ from typing import Any
 
 import aiomqtt
 
-from edgecoop.agents.config import AgentConfig, detect_hardware
+from edgecoop.agents.config import AgentConfig, CapabilitySpec, detect_hardware
 from edgecoop.agents.handlers.base import AgentContext, CallContext, Handler, handler_class
 from edgecoop.agents.outbox import Outbox
 from edgecoop.connection import Connection, Message, State
-from edgecoop.errors import EdgecoopError, TopicError, WireError
+from edgecoop.errors import ConfigError, EdgecoopError, TopicError, WireError
 from edgecoop.messages import CapabilityCard, Load, Request, Response, Status
 from edgecoop.rpc import ReplyContext, Requester, reply_context
 from edgecoop.topics import Kind, ParsedTopic, Topics
@@ -52,14 +52,21 @@ def _next_epoch(state_dir: Path | None) -> int:
     return epoch
 
 
+def _make_handler(spec: CapabilitySpec, config: AgentConfig) -> Handler:
+    """The handler of one capability; a bad options table is a ConfigError naming the file and the capability."""
+    try:
+        return handler_class(spec.kind)(spec, config)
+    except (ConfigError, TypeError, ValueError) as exc:  # handlers check their options with these
+        where = f"{config.source}: " if config.source else ""
+        raise ConfigError(f"{where}[[capabilities]] {spec.name!r} (kind {spec.kind}): {exc}") from exc
+
+
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.topics = Topics(config.prefix)
         self.hardware = config.hardware or detect_hardware()
-        self.handlers: dict[str, Handler] = {
-            spec.name: handler_class(spec.kind)(spec, config) for spec in config.capabilities
-        }
+        self.handlers: dict[str, Handler] = {spec.name: _make_handler(spec, config) for spec in config.capabilities}
         self._slots = {name: asyncio.Semaphore(max(1, h.spec.max_concurrency)) for name, h in self.handlers.items()}
         self.epoch = 0
         self.counters: Counter[str] = Counter()

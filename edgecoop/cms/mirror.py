@@ -40,6 +40,7 @@ class CmsMirror:
         ranker: Ranker | None = None,
         ranker_factory: Any = None,
         connection: Connection | None = None,
+        connect_timeout: float = 10.0,
     ) -> None:
         self.topics = topics or Topics()
         self.client_id = client_id or f"cms-{os.urandom(4).hex()}"
@@ -81,6 +82,7 @@ class CmsMirror:
             # drains the inbox yet), and a dropped card would silently never be mirrored. Its size is bounded
             # by the retained set; the batch it feeds is unbounded anyway.
             max_queued_incoming=0,
+            connect_timeout=connect_timeout,
         )
         self.state = State.NEW
 
