@@ -432,3 +432,13 @@ def test_the_gateway_unit_verifies_and_runs_a_valid_command(tmp_path):
     [exec_start] = unit["Service"]["ExecStart"]
     args = build_parser().parse_args(shlex.split(exec_start)[1:])
     assert args.func.__name__ == "cmd_a2a_gateway" and args.org == "edgecoop"
+
+
+@pytest.mark.timeout(120)
+def test_bench_a2a_reports_both_sides_from_one_run():
+    from edgecoop.benchmarks.a2a import A2AParams, run
+
+    r = run(A2AParams(sequential=40, warmup=10, pipelined=60, in_flight=4, blocks=2))
+    assert r["sequential_samples"] == 40 and r["a2a_answers"] == 60 and r["a2a_error_replies"] == 0
+    assert r["a2a_p50_ms"] > 0 and r["ours_p50_ms"] > 0 and r["a2a_rps"] > 0
+    assert r["params"]["tcp_nodelay"] is True
