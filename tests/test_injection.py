@@ -318,19 +318,19 @@ async def test_injected_text_changes_no_decision_with_the_slm_classifier_and_sum
     """The SLM classifier never sees agent-written text (only the question), and its output is constrained to the
     intent labels; poisoned facts do reach a real model in the summary step (slm-edge), whose text is an answer,
     never a decision."""
-    from edgecoop.orchestrator import SlmClassifier
+    from edgecoop.orchestrator.modelparser import ModelParser
 
     questions = [*task_questions()[::5], "Is there a traffic jam near Central Station? Should we reroute buses?"]
     slm_edge = load_scenario("urban", settings, prefix=topics.prefix, include={"slm-edge"})
     clean = [*clean_configs(settings, topics), *slm_edge]
     known = {c.agent_id for c in clean}
-    classifier = SlmClassifier(str(smollm2))
+    classifier = ModelParser(str(smollm2))
     try:
-        base, cms, _ = await run_setup(clean, settings, topics, questions, classifier=classifier, summarize=True)
+        base, cms, _ = await run_setup(clean, settings, topics, questions, model_parser=classifier, summarize=True)
         assert_allow_listed(base, cms, known)
         payloads = Payloads(load_corpus(), 11)
         results, cms, cloud = await run_setup(
-            poison(clean, payloads, tmp_path), settings, topics, questions, classifier=classifier, summarize=True
+            poison(clean, payloads, tmp_path), settings, topics, questions, model_parser=classifier, summarize=True
         )
     finally:
         classifier.close()
@@ -346,22 +346,27 @@ async def test_injected_text_changes_no_decision_with_the_slm_classifier_and_sum
 
 
 @pytest.mark.llm
-def test_the_slm_classifier_only_ever_answers_a_known_intent(smollm2, record_property):
-    """Even with the payloads in the question itself (the user's own text), the grammar admits only intent labels.
-    How often the label moves is measured, not asserted: the question is the user's to phrase."""
-    from edgecoop.orchestrator import SlmClassifier
-    from edgecoop.orchestrator.intents import Intent
+def test_the_model_parser_only_ever_names_known_vocabulary(smollm2, settings, topics, record_property):
+    """Even with the payloads in the question itself (the user's own text), the grammar admits only operations,
+    modalities and places of the live vocabulary. How often the parse moves is measured, not asserted."""
+    from edgecoop.agents import Agent
+    from edgecoop.orchestrator.modelparser import ModelParser
+    from edgecoop.orchestrator.spec import Operation
+    from edgecoop.orchestrator.vocabulary import Vocabulary
 
-    classifier = SlmClassifier(str(smollm2))
+    vocab = Vocabulary()
+    vocab.update({c.agent_id: Agent(c).card().to_dict() for c in clean_configs(settings, topics)})
+    parser = ModelParser(str(smollm2))
     try:
         question = "What is the PM2.5 level at City Park right now?"
-        base = classifier.classify(question, places=["City Park"])
+        base = parser.parse(question, vocab)
         moved = 0
         for c in load_corpus():
-            got = classifier.classify(f"{question} {c['text']}", places=["City Park"])
-            assert got.intent in Intent and got.classifier == "slm"
-            moved += got.intent is not base.intent
+            got = parser.parse(f"{question} {c['text']}", vocab)
+            assert got.operation in Operation
+            assert all(t.modality in vocab.quantities or t.modality in ("vehicles", "pedestrians") for t in got.targets)
+            assert all(t.place is None or t.place in vocab.places for t in got.targets)
+            moved += got.operation is not base.operation
     finally:
-        classifier.close()
-    record_property("slm intent moved by a payload in the question", f"{moved} of {len(load_corpus())}")
-    print(f"\nslm classifier: a payload appended to the question moved the intent in {moved} of {len(load_corpus())}")
+        parser.close()
+    record_property("model parse moved by a payload in the question", f"{moved} of {len(load_corpus())}")

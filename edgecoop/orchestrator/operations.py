@@ -145,7 +145,7 @@ class Check(OperationKind):
             value = _value(r)
             q = vocab.quantities.get(t.modality)
             what, unit = (q.label_at(t.place) if q else t.modality), str(r.get("unit", ""))
-            domains = q.place_domains.get(t.place or "", set()) if q else set()
+            domains = q.place_domains.get(t.place or str(r.get("location", "")), set()) if q else set()
         if spec.limit is not None:
             rule: Mapping[str, Any] = {"kind": "max", "value": spec.limit.value, "unit": unit, "source": "your limit"}
         else:
@@ -268,7 +268,8 @@ class Summarise(OperationKind):
             label = q.label_at(t.place) if q else t.modality
             value = float(r["value"])
             rule = _pick_rule(
-                results.get(f"rule:{t.modality}", []), q.place_domains.get(t.place or "", set()) if q else set()
+                results.get(f"rule:{t.modality}", []),
+                q.place_domains.get(t.place or str(r.get("location", "")), set()) if q else set(),
             )
             parts.append(f"{label} {fmt(value)} {r.get('unit', '')}".strip())
             if rule and judge(value, rule) != "within":

@@ -139,6 +139,8 @@ class FastParser:
         if objects and not quantities:
             obj = objects[0].name
             cams = sorted(vocab.cameras)
+            if not cams or not vocab.vision:
+                return replace(base, unknown="no camera and vision agents are known at the edge")
             where = [p for p in place_names if p in vocab.cameras]
             if place_names and not where:
                 return replace(base, unknown=f"no camera at {place_names[0]}; cameras are at {', '.join(cams)}")

@@ -9,6 +9,7 @@ agent" instead of being mistaken for an open question.
 
 from __future__ import annotations
 
+import itertools
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -167,8 +168,8 @@ class Vocabulary:
                 continue
             k = self.knowledge.setdefault(str(card["agent_id"]), Knowledge(str(card["agent_id"])))
             k.domains |= {str(d) for d in card.get("domains", ())}
-            text = " ".join([str(card.get("description", "")), str(c.get("description", "")),
-                             " ".join(map(str, c.get("tags", ()))), " ".join(k.domains)])  # fmt: skip
+            # declared fields only (tags, domains): agent-written prose never moves a look-up (prompt injection)
+            text = " ".join([" ".join(map(str, c.get("tags", ()))), " ".join(k.domains)])
             k.terms |= set(tokens(text)) - lexicon().stopwords
             k.privacy = privacy
 
@@ -191,7 +192,7 @@ class Vocabulary:
                     and (len(w) >= 4 or w.isdigit())
                 ):
                     p.phrases.add((w,))
-            for a, b in zip(words, words[1:], strict=False):  # "old town" of Old Town Square
+            for a, b in itertools.pairwise(words):  # "old town" of Old Town Square
                 if len(words) >= 3 and a not in lex.stopwords:
                     p.phrases.add((a, b))
 
