@@ -113,8 +113,12 @@ class BrokerSettings:
         """The TLS context for ``mqtts``: certificate and host name always checked. ``None`` for plain ``mqtt``."""
         if not self.tls:
             return None
+        context = _TlsContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED: never turned off
         try:
-            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+            if self.ca_file:
+                context.load_verify_locations(cafile=self.ca_file)
+            else:
+                context.load_default_certs()
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"TLS CA file {self.ca_file}: {exc}") from exc
         if self.cert_file or self.key_file:
@@ -124,6 +128,28 @@ class BrokerSettings:
                 raise ConfigError(f"TLS client certificate {self.cert_file} / key {self.key_file}: {exc}") from exc
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         return context
+
+
+class _TlsContext(ssl.SSLContext):
+    """An SSL context that remembers the sockets it wrapped, so that a connection attempt can close them.
+
+    paho leaves the socket of a failed TLS handshake (a certificate that does not verify, a plain-text listener)
+    open for the garbage collector; every retry would leak one.
+    """
+
+    def __init__(self, protocol: int) -> None:
+        super().__init__()
+        self.wrapped: list[ssl.SSLSocket] = []
+
+    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+        wrapped = super().wrap_socket(sock, *args, **kwargs)
+        self.wrapped.append(wrapped)  # list.append is atomic: paho connects in an executor thread
+        return wrapped
+
+    def close_wrapped(self) -> None:
+        """The connection attempt is over: close what it opened (closing twice is harmless)."""
+        while self.wrapped:
+            self.wrapped.pop().close()
 
 
 #: CONNACK reason codes that retrying with the same settings cannot fix: unsupported protocol version, client id
@@ -767,10 +793,12 @@ class Connection:
         if self._refused is not None:
             await self.__aexit__(None, None, None)
             if not isinstance(self._refused, MqttConnectError):  # TLS: the broker's certificate did not verify
-                raise ConnectError(
-                    f"TLS to {self.settings.url} failed: {self._refused} (CA file {self.settings.ca_file or 'system'};"
-                    " the certificate must name the host in the URL)"
-                ) from self._refused
+                hint = (
+                    f"the broker's certificate must name {self.settings.host!r}, the host in the URL"
+                    if "mismatch" in str(self._refused)
+                    else f"is the broker's certificate signed by {self.settings.ca_file or 'a system CA'}?"
+                )
+                raise ConnectError(f"TLS to {self.settings.url} failed: {self._refused} ({hint})") from self._refused
             rc = self._refused.rc
             raise ConnectError(
                 f"{self.settings.url} refused {self.client_id!r} (user {self.settings.username!r}): {rc}",
@@ -874,6 +902,8 @@ class Connection:
                     self._path.close()
                     self._path = None
                 _close_abandoned_socket(client)
+                if isinstance(self._tls, _TlsContext):
+                    self._tls.close_wrapped()
             attempt += 1
             # jittered exponential backoff, capped at ~8 s; the first retry is fast
             await asyncio.sleep(random.uniform(0.05, min(8.0, 0.2 * 1.6**attempt)))
