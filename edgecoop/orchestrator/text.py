@@ -51,7 +51,7 @@ def _edits(a: str, b: str, limit: int) -> int:
 
 def similar(word: str, target: str) -> bool:
     """Same word up to inflection or a typo: one edit from 5 letters on, two from 9; a plural 's' is free."""
-    if word == target:
+    if word == target or word.replace(".", "") == target.replace(".", ""):  # "pm2.5" is the modality "pm25"
         return True
     if word.rstrip("s") == target.rstrip("s") and len(target) > 2:
         return True
