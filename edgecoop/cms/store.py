@@ -411,8 +411,9 @@ def _fast_card_dict(c: CapabilityCard) -> dict[str, Any]:
     """``c.to_dict()`` at a fraction of the cost: a late joiner stores 10,000 of them (see _card_dict)."""
     return {
         "v": WIRE_VERSION, "type": "card", "agent_id": c.agent_id, "epoch": c.epoch, "site": c.site,
-        "description": c.description, "location": _record(c.location), "hardware": _record(c.hardware),
-        "models": [_record(m) for m in c.models], "sensors": [_record(s) for s in c.sensors],
+        "description": c.description, "location": {**_record(c.location), "aliases": list(c.location.aliases)},
+        "hardware": _record(c.hardware), "models": [_record(m) for m in c.models],
+        "sensors": [{**_record(s), "words": list(s.words)} for s in c.sensors],
         "domains": list(c.domains),
         "capabilities": [{**_record(k), "tags": list(k.tags)} for k in c.capabilities],
         "cost": {"per_call": c.cost_per_call, "latency_ms": c.latency_ms}, "privacy": c.privacy,
