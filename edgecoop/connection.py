@@ -141,7 +141,7 @@ class _TlsContext(ssl.SSLContext):
         super().__init__()
         self.wrapped: list[ssl.SSLSocket] = []
 
-    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
         wrapped = super().wrap_socket(sock, *args, **kwargs)
         self.wrapped.append(wrapped)  # list.append is atomic: paho connects in an executor thread
         return wrapped

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgecoop.connection import Connection, Message, props
-from edgecoop.errors import EdgecoopError, RemoteError, RequestTimeout, TopicError, WireError
+from edgecoop.errors import EdgecoopError, RemoteError, RequestTimeout, SchemaError, TopicError, WireError
 from edgecoop.messages import Request, Response
 from edgecoop.topics import Kind, Topics
 from edgecoop.wire import Format, decode, encode, sniff_format
 
-__all__ = ["ReplyContext", "Requester", "reply_context"]
+__all__ = ["ReplyContext", "Requester", "payload_reply_context", "reply_context"]
 
 log = logging.getLogger(__name__)
 PartialCallback = Callable[[Response], None]
@@ -370,6 +370,21 @@ def reply_context(message: Message, topics: Topics, *, any_topic: bool = False) 
     except WireError:
         fmt = Format.JSON
     return ReplyContext(rt, corr if isinstance(corr, bytes) else None, fmt)
+
+
+def payload_reply_context(data: Mapping[str, Any], topics: Topics, fmt: Format) -> ReplyContext | None:
+    """A reply route named inside the payload (``"reply_to"``), for clients without MQTT 5 (3.1.1 has no
+    Response Topic): the same rules as a task's Response Topic (no wildcards, no ``$``, inside our namespace
+    only its reply topics). ``None`` without one; :class:`SchemaError` for a topic we may not answer on.
+    """
+    rt = data.get("reply_to")
+    if rt is None:
+        return None
+    if not isinstance(rt, str) or not rt or len(rt.encode()) > 1024 or not _route_allowed(rt, topics, True):
+        raise SchemaError(
+            "task: 'reply_to' must be a topic without wildcards or '$' (inside the namespace: a reply topic)"
+        )
+    return ReplyContext(rt, None, fmt)
 
 
 _MAX_HEARD = 4096

@@ -31,6 +31,7 @@ __all__ = [
     "Format",
     "decode",
     "encode",
+    "plain_text",
     "sniff_format",
 ]
 
@@ -64,7 +65,45 @@ def sniff_format(payload: bytes, content_type: str | None) -> Format:
             return Format.MSGPACK
         raise WireError(f"unsupported content type {content_type!r}")
     stripped = payload.lstrip(b" \t\r\n")
-    return Format.JSON if stripped[:1] in (b"{", b"[") else Format.MSGPACK
+    if stripped[:1] in (b"{", b"["):
+        return Format.JSON
+    return Format.JSON if _looks_like_text(payload) else Format.MSGPACK  # a human typed it: errors in JSON
+
+
+#: first bytes of a msgpack map (fixmap, map 16, map 32): never the start of UTF-8 text
+_MSGPACK_MAP = frozenset({*range(0x80, 0x90), 0xDE, 0xDF})
+_TEXT_CONTROLS = frozenset(range(0x20)) - {0x09, 0x0A, 0x0D}
+
+
+def _looks_like_text(payload: bytes) -> bool:
+    if not payload or payload[0] in _MSGPACK_MAP or not _TEXT_CONTROLS.isdisjoint(payload):
+        return False
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def plain_text(payload: bytes | bytearray, content_type: str | None = None, *, limit: int = MAX_PAYLOAD) -> str | None:
+    """The payload as text when it is neither JSON nor msgpack (``mosquitto_pub -m 'How full is bus 42?'``).
+
+    Text is a ``text/plain`` content type, or (without a content type) UTF-8 without control characters that
+    does not start like JSON (``{``, ``[``) or a msgpack map. ``None`` for anything else, which goes to
+    :func:`decode`.
+    """
+    raw = bytes(payload)
+    if len(raw) > limit:
+        return None
+    base = content_type.split(";", 1)[0].strip().lower() if content_type else ""
+    if base == "text/plain":
+        try:
+            return raw.decode("utf-8").strip() or None
+        except UnicodeDecodeError:
+            return None
+    if base or raw.lstrip(b" \t\r\n")[:1] in (b"{", b"[") or not _looks_like_text(raw):
+        return None
+    return raw.decode("utf-8").strip() or None
 
 
 def _reject_ext(code: int, data: bytes) -> Any:  # pragma: no cover - max_ext_len=0 fires first

@@ -234,3 +234,12 @@ async def test_dashboard_on_a_busy_port_is_a_message(settings, topics):
 def test_version():
     out = _cli("--version")
     assert out.returncode == 0 and out.stdout.startswith("edgecoop 0.")
+
+
+def test_the_readme_agent_example_is_a_valid_file(tmp_path):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("## Configuration", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    f = tmp_path / "air-park.toml"
+    f.write_text(block)
+    cfg = load_agent_config(f)
+    assert cfg.agent_id == "air-park" and cfg.broker.tls and cfg.broker.ca_file == "/etc/edgecoop/ca.crt"

@@ -29,9 +29,9 @@ from edgecoop.orchestrator.parser import Parser
 from edgecoop.orchestrator.store import TaskStore
 from edgecoop.orchestrator.strategies import STRATEGIES, Strategy, get_strategy
 from edgecoop.overload import DropMonitor
-from edgecoop.rpc import ReplyContext, Requester, reply_context
+from edgecoop.rpc import ReplyContext, Requester, payload_reply_context, reply_context
 from edgecoop.topics import Topics, validate_id
-from edgecoop.wire import Format, decode, encode
+from edgecoop.wire import Format, decode, encode, plain_text
 from edgecoop.worker import Worker
 
 __all__ = ["Orchestrator", "parse_submission"]
@@ -203,8 +203,13 @@ class Orchestrator:
             return
         route = reply_context(message, self.topics, any_topic=True)
         raw = message.payload if isinstance(message.payload, bytes) else b""
+        ctype = getattr(message.properties, "ContentType", None)
         try:
-            data, _ = decode(raw, getattr(message.properties, "ContentType", None))
+            # plain text is the question (any MQTT client can ask); it is answered in JSON
+            text = plain_text(raw, ctype if isinstance(ctype, str) else None)
+            data, fmt = ({"question": text}, Format.JSON) if text is not None else decode(raw, ctype)
+            # MQTT 3.1.1 has no Response Topic: such clients name one in the payload
+            route = route or payload_reply_context(data, self.topics, fmt)
             sub = parse_submission(data)
         except WireError as exc:
             self.counters["bad_submission"] += 1
