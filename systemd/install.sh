@@ -46,6 +46,28 @@ SERVICE_USERS=(orchestrator cms dashboard homeassistant)
 
 say() { printf '\033[1m[edgecoop]\033[0m %s\n' "$*"; }
 die() { printf '[edgecoop] error: %s\n' "$*" >&2; exit 1; }
+# heartbeat LABEL CMD...: run CMD with its output in a log; every 30 s say it is still running (elapsed time and
+# its last line, e.g. "Building wheel for llama-cpp-python"), so a long compile is never silent; the log's tail on failure
+heartbeat() {
+  local label=$1 log pid start=$SECONDS n=0
+  shift
+  log=$(mktemp)
+  "$@" >"$log" 2>&1 &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    n=$((n + 1))
+    if [ $((n % 30)) = 0 ]; then
+      say "... $label: $((SECONDS - start)) s so far ($(tail -n 1 "$log" | cut -c1-100))"
+    fi
+  done
+  if ! wait "$pid"; then
+    tail -n 40 "$log" >&2
+    rm -f "$log"
+    return 1
+  fi
+  rm -f "$log"
+}
 edgecoop_bin() {
   if [ -n "${EDGECOOP_BIN:-}" ]; then echo "$EDGECOOP_BIN"
   elif [ -x "$VENV/bin/edgecoop" ]; then echo "$VENV/bin/edgecoop"
@@ -183,8 +205,9 @@ done
 mkdir -p "$HOME_DIR"
 [ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
 say "installing edgecoop${EXTRAS:+[$EXTRAS]} from $SRC into $VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q --upgrade "$SRC${EXTRAS:+[$EXTRAS]}"
+heartbeat "upgrading pip" "$VENV/bin/python" -m pip install --upgrade pip || die "pip upgrade failed"
+heartbeat "installing edgecoop${EXTRAS:+[$EXTRAS]} (llama-cpp-python compiles for minutes, longer on a Pi)" \
+  "$VENV/bin/python" -m pip install --upgrade "$SRC${EXTRAS:+[$EXTRAS]}" || die "pip install failed (its last lines are above)"
 mkdir -p "$HOME_DIR/docs" && cp "$SRC"/docs/*.md "$HOME_DIR/docs/"
 
 # -- 4. /etc/edgecoop ----------------------------------------------------------------------------------------------
