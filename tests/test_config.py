@@ -7,6 +7,7 @@ no traceback). An unreachable broker, or a broker without an orchestrator, is re
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import subprocess
@@ -243,3 +244,39 @@ def test_the_readme_agent_example_is_a_valid_file(tmp_path):
     f.write_text(block)
     cfg = load_agent_config(f)
     assert cfg.agent_id == "air-park" and cfg.broker.tls and cfg.broker.ca_file == "/etc/edgecoop/ca.crt"
+
+
+# -- loud when it matters -------------------------------------------------------------------------------------
+class _Seen(logging.Handler):
+    """Sets an event when a WARNING containing ``text`` is logged (the test waits on it, not on a sleep)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.WARNING)
+        self.text, self.loop, self.event = text, asyncio.get_running_loop(), asyncio.Event()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self.text in message:
+            self.messages.append(message)
+            self.loop.call_soon_threadsafe(self.event.set)
+
+
+async def test_connection_loss_and_reconnect_are_warnings(private_broker):
+    from edgecoop.connection import Connection
+
+    log = logging.getLogger("edgecoop.connection")
+    lost, back = _Seen("lost"), _Seen("reconnected")
+    log.addHandler(lost)
+    log.addHandler(back)
+    try:
+        async with Connection(BrokerSettings(port=private_broker.port, keepalive=5), "loud", clean_start=True):
+            await asyncio.to_thread(private_broker.stop)
+            await asyncio.wait_for(lost.event.wait(), 15)
+            await asyncio.to_thread(private_broker.start)
+            await asyncio.wait_for(back.event.wait(), 30)
+    finally:
+        log.removeHandler(lost)
+        log.removeHandler(back)
+    assert f"loud: connection to {private_broker.url} lost" in lost.messages[0]
+    assert back.messages[0].startswith(f"loud: reconnected to {private_broker.url} after ")
