@@ -22,7 +22,13 @@ from edgecoop.cms.mirror import CmsMirror
 from edgecoop.cms.sites import SiteCosts
 from edgecoop.errors import AgentWentOffline, BrokerError, RequestError, StepFailed, TopicError
 from edgecoop.orchestrator.compose import Answer
-from edgecoop.orchestrator.operations import OPERATIONS, UnservableError
+from edgecoop.orchestrator.operations import (
+    MIN_SUPPORT_OPEN,
+    OPERATIONS,
+    UnservableError,
+    best_passages,
+    knowledge_step,
+)
 from edgecoop.orchestrator.parser import FastParser, Parser, privacy_of
 from edgecoop.orchestrator.plans import Plan, Step, cloud_plan, slm_plan
 from edgecoop.orchestrator.relevance import rank_declared
@@ -143,6 +149,7 @@ class Engine:
         self._model_worker = Worker("parser") if model_parser is not None else None
         self.vocab = Vocabulary()
         self._vocab_version = -1
+        self._vocab_lock = asyncio.Lock()
 
     def close(self) -> None:
         if self._model_worker is not None:
@@ -150,10 +157,12 @@ class Engine:
 
     async def vocabulary(self) -> Vocabulary:
         """The vocabulary, refreshed from the CMS when a card changed (names stay known after agents leave)."""
-        if self._vocab_version != self.mirror.version:
-            self._vocab_version = self.mirror.version
-            snapshot = await self.mirror.query(lambda store: store.snapshot())
-            self.vocab.update({k: v for k, v in snapshot.items() if v.get("capabilities")})
+        async with self._vocab_lock:  # concurrent tasks wait for one refresh instead of using a stale vocabulary
+            version = self.mirror.version
+            if self._vocab_version != version:
+                snapshot = await self.mirror.query(lambda store: store.snapshot())
+                self.vocab.update({k: v for k, v in snapshot.items() if v.get("capabilities")})
+                self._vocab_version = version
         return self.vocab
 
     async def understand(self, question: str, privacy: str | None = None) -> TaskSpec:
@@ -195,7 +204,9 @@ class Engine:
         try:
             results = await self._execute(run, plan)
             answer = op.answer(spec, results, self.vocab)
-        except (StepFailed, UnservableError, KeyError, ValueError, TypeError) as exc:
+        except UnservableError as exc:  # the agents answered, but not with something the edge may give as an answer
+            return _refusal(f"I cannot answer this at the edge: {exc}.", spec, run.privacy)
+        except (StepFailed, KeyError, ValueError, TypeError) as exc:
             # about the edge's own world: a clear failure with the reason, never a cloud guess
             reason = f"the edge could not serve the task: {exc}"
             return TaskOutcome("failed", None, "edge", spec, self._describe(plan), reason=reason)
@@ -203,6 +214,17 @@ class Engine:
 
     async def _open(self, run: _Run) -> TaskOutcome:
         spec = run.spec
+        # the edge's own documents first: a question they answer well never needs the cloud (or a refusal)
+        if self.vocab.knowledge and not spec.personal:
+            plan = Plan(((knowledge_step(run.sub.question, None, optional=True),),), "single", "edge")
+            try:
+                results = await self._execute(run, plan)
+            except StepFailed:
+                results = {}
+            results["_question"] = run.sub.question
+            if best_passages(results, run.sub.question, min_support=MIN_SUPPORT_OPEN) is not None:
+                answer = OPERATIONS[Operation.LOOKUP].answer(spec, results, self.vocab)
+                return TaskOutcome("done", answer, "edge", spec, self._describe(plan))
         if run.privacy != "public":
             return _refusal(
                 f"This question is {run.privacy} (personal or site data) and the edge has no agent that answers it; "
@@ -244,7 +266,7 @@ class Engine:
 
     # -- execution ------------------------------------------------------------------------------------------
     async def _execute(self, run: _Run, plan: Plan) -> dict[str, Any]:
-        results: dict[str, Any] = {}
+        results: dict[str, Any] = {"_question": run.sub.question}
         for stage in plan.stages:
             if run.remaining() <= 0:
                 raise StepFailed("task deadline passed")

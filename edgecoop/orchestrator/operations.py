@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 from edgecoop.orchestrator.compose import Answer, fmt, judge, rule_text
 from edgecoop.orchestrator.plans import Plan, Results, Step
 from edgecoop.orchestrator.spec import Operation, Target, TaskSpec
+from edgecoop.orchestrator.text import similar, tokens
 from edgecoop.orchestrator.vocabulary import Vocabulary, lexicon
 
 __all__ = ["OPERATIONS", "OperationKind", "UnservableError"]
@@ -240,6 +242,9 @@ class Count(OperationKind):
         t = spec.targets[0]
         v = results["vision"]
         count = float(v["count"])
+        if float(v.get("confidence", 0.0)) < MIN_VISION_CONFIDENCE:
+            raise UnservableError(f"the vision agent is not confident of its count ({v.get('confidence')}); "
+                                  "no answer is better than a wrong one")  # fmt: skip
         text = f"{fmt(count)} {t.modality} passed the camera at {t.place} in the last clip."
         if t.modality != "vehicles":
             text = f"{fmt(count)} {t.modality} seen by the camera at {t.place} in the last clip."
@@ -286,15 +291,71 @@ class Summarise(OperationKind):
         return Answer(facts + (f" Summary: {summary}" if summary else ""), None, decision, [], 0.9, facts)
 
 
+#: below this a camera count is not given as an answer
+MIN_VISION_CONFIDENCE = 0.5
+#: a fanned-out look-up answers only from a passage holding at least this share of the question's content words
+MIN_SUPPORT = 0.5
+#: an open question is answered from the edge's documents only with stronger support than a look-up needs
+MIN_SUPPORT_OPEN = 0.75
+
+
+def knowledge_step(question: str, agent: str | None, *, optional: bool = False) -> Step:
+    """One named knowledge agent, or (``agent`` None) every knowledge agent in parallel."""
+    return Step(
+        "knowledge",
+        "knowledge",
+        {"question": question, "k": 3},
+        need=question if agent else "",
+        agent=agent,
+        fanout=agent is None,
+        optional=optional,
+    )
+
+
+def support(question: str, result: Mapping[str, Any]) -> float:
+    """The share of the question's content words found in the top passage (its title and text): agents' own
+    retrieval scores are not comparable across agents, and a passage sharing one word is no answer."""
+    lex = lexicon()
+    content = {w for w in tokens(question) if w not in lex.stopwords and len(w) > 2}
+    passages = result.get("passages") or []
+    if not content or not passages:
+        return 0.0
+    top = passages[0]
+    words = set(tokens(f"{top.get('title', '')} {top.get('text', '')} {Path(str(top.get('doc', ''))).stem}"))
+    found = {w for w in content if any(similar(w, t) for t in words)}
+    if len(content) >= 2 and len(found) < 2:
+        return 0.0
+    return len(found) / len(content)
+
+
+def best_passages(
+    results: Results, question: str = "", *, min_support: float = MIN_SUPPORT
+) -> Mapping[str, Any] | None:
+    """The knowledge result to answer from: the named agent's, or the best-supported of a fan-out."""
+    k = results.get("knowledge")
+    if k is None:
+        return None
+    if isinstance(k, list):  # fan-out: (agent, result) pairs
+        scored = sorted(((support(question, r), float(r.get("confidence", 0.0)), i) for i, (_a, r) in enumerate(k)),
+                        reverse=True)  # fmt: skip
+        if not scored or scored[0][0] < min_support:
+            return None
+        best: Mapping[str, Any] = k[scored[0][2]][1]
+        return best
+    found: Mapping[str, Any] = k
+    return found if found.get("passages") else None
+
+
 class Lookup(OperationKind):
     operation = Operation.LOOKUP
 
     def plan(self, spec: TaskSpec, question: str, *, summarize: bool = False) -> Plan:
-        s = Step("knowledge", "knowledge", {"question": question, "k": 3}, need=question, agent=spec.knowledge_agent)
-        return Plan(((s,),), "single", "edge")
+        return Plan(((knowledge_step(question, spec.knowledge_agent),),), "single", "edge")
 
     def answer(self, spec: TaskSpec, results: Results, vocab: Vocabulary) -> Answer:
-        k = results["knowledge"]
+        k = best_passages(results, str(results.get("_question", "")))
+        if k is None:
+            raise UnservableError("no knowledge agent found a passage that answers this")
         passages = k.get("passages", [])
         if not passages:
             raise UnservableError(f"{spec.knowledge_agent} found no passage that answers this")

@@ -56,10 +56,21 @@ def _overlaps(a: _Hit, b: _Hit) -> bool:
     return a.start < b.start + b.length and b.start < a.start + a.length
 
 
+def first_person(words: Sequence[str], lex: Lexicon | None = None) -> bool:
+    """The asker speaks of themselves ("my", "am I", "check on me"; not the "me" of "tell me")."""
+    lex = lex or lexicon()
+    for i, w in enumerate(words):
+        if w == "me" and i > 0 and words[i - 1] in ("give", "tell", "show", "let", "send", "for", "help"):
+            continue
+        if w in lex.first_person:
+            return True
+    return False
+
+
 def personal_content(words: Sequence[str], lex: Lexicon | None = None) -> bool:
     """First person about the asker, or a sensitive topic: private. Unsure counts as personal (fails closed)."""
     lex = lex or lexicon()
-    first = any(w in lex.first_person for w in words)
+    first = first_person(words, lex)
     sensitive = _has(words, lex.sensitive)
     if sensitive:
         return True
@@ -78,6 +89,7 @@ class FastParser:
         lex = lexicon()
         words = tokens(question)
         personal = personal_content(words, lex) or privacy == "private"
+        asker = first_person(words, lex) and not _has(words, lex.public_world)
         places = self._places(words, vocab)
         quantities = [
             h
@@ -98,7 +110,7 @@ class FastParser:
         place_names = [p.name for p in sorted(places, key=lambda h: h.start)]
 
         unknown = self._unknown_place(question, words, spans, vocab)
-        if re.search(r"\b(19|20)\d\d\b", " ".join(words)) and (quantities or objects):
+        if re.search(r"\b(19|20)\d\d\b", " ".join(words)) and (quantities or objects) and not _has(words, _RULE_WORDS):
             return replace(base, unknown="live sensors cannot answer about another year")
         if unknown:
             return replace(base, unknown=f"no agent is at a place called {unknown!r}; known places: "
@@ -108,9 +120,10 @@ class FastParser:
         if _has(words, lex.past) and (quantities or objects):
             return replace(base, unknown="live sensors cannot answer about another time than now or a recent window")
 
-        agg, window_s = self._agg_window(words, lex)
+        covered_q = {i for h in quantities for i in range(h.start + 1, h.start + h.length)}  # "vehicles/min"
+        agg, window_s = self._agg_window([w if i not in covered_q else "" for i, w in enumerate(words)], lex)
         limit = self._limit(words, spans, lex)
-        check = _has(words, lex.operations["check"]) or limit is not None
+        check = _has(words, lex.operations["check"]) or limit is not None or "too" in words
         area = _has(words, lex.operations["area"])
         lookup_cue = _has(words, lex.operations["lookup"])
         live = _has(words, lex.operations["live"])
@@ -136,6 +149,9 @@ class FastParser:
                 targets = tuple(Target(m, None, agg, window_s) for m in sorted({m for m, _ in mine}))
                 return replace(base, operation=Operation.SUMMARISE, targets=targets)
 
+        lookup_only = lookup_cue and not live and not _has(words, lex.operations["count"]) and not check
+        if objects and not quantities and lookup_only:
+            return self._lookup(base, words, vocab, [])
         if objects and not quantities:
             obj = objects[0].name
             cams = sorted(vocab.cameras)
@@ -155,8 +171,8 @@ class FastParser:
 
         if quantities:
             targets_mod = [h.name for h in sorted(quantities, key=lambda h: h.start)]
-            personal_reading = personal and not place_names
-            doc_question = not place_names and not live and not personal_reading and not area
+            personal_reading = asker and not place_names
+            doc_question = not place_names and not live and not personal_reading and (not area or agg == "latest")
             if doc_question and lookup_cue and (not check or _asks_for_rule(words)):
                 return self._lookup(base, words, vocab, quantities)
             if doc_question and _asks_for_rule(words) and _has(words, _RULE_WORDS):
@@ -188,6 +204,11 @@ class FastParser:
             spec = self._lookup(base, words, vocab, [])
             if spec.knowledge_agent or lookup_cue:
                 return spec
+        if places and (check or live):
+            offered_q = [q for q in vocab.quantities.values() if place_names[0] in q.places]
+            if len(offered_q) == 1 and place_names[0] not in vocab.cameras:
+                t = Target(offered_q[0].modality, place_names[0], agg, window_s)
+                return replace(base, operation=Operation.CHECK if check else Operation.READ, targets=(t,), limit=limit)
         if places:
             offered = vocab.describe_place(place_names[0])
             return replace(base, ask=f"What would you like to know about {place_names[0]}? I can tell you: "
@@ -204,6 +225,11 @@ class FastParser:
     def _places(self, words: Sequence[str], vocab: Vocabulary) -> list[_Hit]:
         hits = [h for h in (_best(words, p.name, p.phrases) for p in vocab.places.values()) if h is not None]
         generic = {"which", "what", "every", "each", "all", "any", "other", "of"}
+        heads = lexicon().place_heads
+        # a bare head noun ("road traffic", "a square") is not the one place whose alias it is; "the road" is
+        listing = _has(words, lexicon().operations["compare"])  # "compare pm2.5 station harbour park"
+        hits = [h for h in hits if listing or not (h.length == 1 and words[h.start] in heads and h.start > 0
+                                                   and words[h.start - 1] not in ("the", "at", "in", "near", "by"))]  # fmt: skip
         # "which station", "the air stations": a kind of place, not the one place whose alias the word is
         hits = [h for h in hits if not (h.length == 1 and (
             (h.start > 0 and words[h.start - 1] in generic) or (h.start > 1 and words[h.start - 2] in generic
@@ -231,8 +257,16 @@ class FastParser:
             if any(similar(prev, k) for k in known_words) or prev.isdigit():
                 continue
             return f"{prev} {w}".title()
+        # "bus 7" where the cards know "Bus line 42": a numbered place of a known kind that does not exist
+        numbered = [tokens(p) for p in vocab.places]
+        for i, w in enumerate(words):
+            if i and w.isdigit() and i not in covered:
+                kin = [n for n in numbered if words[i - 1] in n and any(t.isdigit() for t in n)]
+                if kin and not any(w in n for n in kin):
+                    return f"{words[i - 1]} {w}".title()
         # "at Narnia", "near Atlantis": a capitalised name after a preposition that no card knows
-        for m in re.finditer(r"\b(?:at|in|near|around|by)\s+(?:the\s+)?([A-Z][\w'-]+(?:\s+[A-Z][\w'-]+)*)", question):
+        pattern = r"\b(?:at|in|near|around|by|and|or|vs)\s+(?:the\s+)?([A-Z][\w'-]+(?:\s+[A-Z][\w'-]+)*)"
+        for m in re.finditer(pattern, question):
             name = [n for n in tokens(m.group(1)) if n not in lex.stopwords]
             unknown = [n for n in name if not any(similar(n, k) for k in known_words)]
             vocab_q = {w for q in vocab.quantities.values() for p in q.phrases for w in p}
@@ -245,6 +279,7 @@ class FastParser:
         lex = lexicon()
         covered = {i for h in spans for i in range(h.start, h.start + h.length)}
         known = vocab_words(vocab) | {w for q in vocab.quantities.values() for p in q.phrases for w in p}
+        known |= {w for q in vocab.quantities.values() for w in tokens(q.unit)}  # "in µg/m³", "in dB(A)"
         for i, w in enumerate(words[:-1]):
             if w not in ("at", "in", "near", "inside", "outside"):
                 continue
@@ -274,6 +309,7 @@ class FastParser:
 
     def _limit(self, words: Sequence[str], spans: Sequence[_Hit], lex: Lexicon) -> Limit | None:
         covered = {i for h in spans for i in range(h.start, h.start + h.length)}
+        words = [str(lex.numbers.get(w, w)) for w in words]
         for i, w in enumerate(words):
             if i in covered or not _NUMBER.match(w):
                 continue
@@ -328,12 +364,10 @@ class FastParser:
         if best is None:
             if _has(words, lex.general) and not base.personal:
                 return replace(base, general=True, confidence=0.9)
-            return replace(base, operation=Operation.LOOKUP, confidence=0.3,
-                           unknown="no knowledge agent covers this question")  # fmt: skip
+            # no declared field says who knows: every knowledge agent is asked, the best-supported passage wins
+            return replace(base, operation=Operation.LOOKUP, confidence=0.5)
         conf = min(0.95, 0.4 + 0.15 * best_score)
-        personal = base.personal or (best.privacy != "public" and base.personal)
-        return replace(base, operation=Operation.LOOKUP, knowledge_agent=best.agent_id, confidence=conf,
-                       personal=personal)  # fmt: skip
+        return replace(base, operation=Operation.LOOKUP, knowledge_agent=best.agent_id, confidence=conf)
 
 
 _RULE_WORDS = tuple(

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 __all__ = ["find_phrase", "match_phrase", "normalise", "similar", "tokens"]
 
 _QUOTES = str.maketrans({"‘": "'", "’": "'", "“": '"', "”": '"', "´": "'", "`": "'", "μ": "u", "µ": "u"})
-_SUFFIXES = frozenset({"s", "es", "est", "er", "ers", "ness", "y", "ing", "ed", "iest", "ier", "ly"})
+_SUFFIXES = frozenset({"s", "es", "est", "er", "ers", "ness", "y", "ing", "ed", "d", "iest", "ier", "ly"})
 _TOKEN = re.compile(r"[a-z0-9]+(?:[.'][a-z0-9]+)*")
 
 

@@ -44,6 +44,7 @@ class Lexicon:
     actions: tuple[Phrase, ...]
     not_places: frozenset[str]
     place_heads: frozenset[str]
+    numbers: dict[str, int]
 
 
 def _phrases(items: Iterable[str]) -> tuple[Phrase, ...]:
@@ -69,6 +70,7 @@ def lexicon() -> Lexicon:
         actions=_phrases(ops.get("actions", [])),
         not_places=frozenset(data["places"]["not_places"]),
         place_heads=frozenset(data["places"]["heads"]),
+        numbers={str(k): int(v) for k, v in data["numbers"].items()},
     )
 
 
@@ -156,6 +158,8 @@ class Vocabulary:
                 q.labels[place_name] = str(s["label"])
             q.phrases |= {p for p in _phrases([str(s["modality"]).replace("_", " "), str(s.get("label", ""))]) if p}
             q.phrases |= set(_phrases(str(w) for w in s.get("words", ())))
+            if len(str(s.get("name", ""))) >= 4:  # the sensor's own name ("laeq", "air_temp")
+                q.phrases |= set(_phrases([str(s["name"]).replace("_", " ")]))
             q.domains |= {str(d) for d in card.get("domains", ())}
             if place_name:
                 q.place_domains.setdefault(place_name, set()).update(str(d) for d in card.get("domains", ()))
