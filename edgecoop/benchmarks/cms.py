@@ -10,10 +10,10 @@
   agents. **Baseline**: a no-op call through the same thread hop (``mirror.query``), the fixed cost.
 
 Mosquitto queues at most ``max_queued_messages`` messages for one subscriber and silently drops the rest
-(field notes), and a new subscription's retained messages all land in that queue at once. The development
-broker config allows 5,000, so a late joiner to a 10,000-agent CMS would see only a part of it: the run
-measures that too (``stock_config_delivered``) and times the ingest on a broker whose queue limit fits the
-retained set.
+(field notes), and a new subscription's retained messages all land in that queue at once. The run checks
+that a late joiner to a 10,000-agent CMS gets the whole retained set from the stock development broker config
+(``stock_config_delivered`` of ``stock_config_expected``, with its limit as ``stock_max_queued_messages``) and
+times the ingest on a broker whose queue limit fits the retained set (``broker_max_queued_messages``).
 
 Run: ``edgecoop bench cms [--quick] [--json FILE]``.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import re
 import statistics
 import time
 import uuid
@@ -31,9 +32,17 @@ from typing import Any
 
 from edgecoop.benchmarks.rpc import machine_info, percentile
 
-__all__ = ["CmsParams", "main", "make_cards", "run"]
+__all__ = ["CmsParams", "main", "make_cards", "run", "stock_queue_limit"]
 
-STOCK_QUEUE_LIMIT = 5000  # max_queued_messages of edgecoop.broker.configs (development and production)
+
+def stock_queue_limit() -> int:
+    """``max_queued_messages`` of the stock broker configs (read from :mod:`edgecoop.broker.configs`)."""
+    from edgecoop.broker.configs import development_config
+
+    found = re.search(r"^max_queued_messages (\d+)$", development_config(1883), re.MULTILINE)
+    if found is None:
+        raise RuntimeError("the development broker config sets no max_queued_messages")
+    return int(found.group(1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,7 +415,8 @@ def run(params: CmsParams | None = None) -> dict[str, Any]:
     p = params or CmsParams()
     cards = make_cards(p.agents, seed=p.seed)
     small_cards = make_cards(p.small, seed=p.seed + 100)
-    queue_limit = max(STOCK_QUEUE_LIMIT, 2 * (p.agents + p.small) + 1000)
+    stock_limit = stock_queue_limit()
+    queue_limit = max(stock_limit, 2 * (p.agents + p.small) + 1000)
     port = free_port()
     with MosquittoProcess(port, config_text=_broker_config(port, queue_limit)):
         m = asyncio.run(_measure(port, p, cards, small_cards))
@@ -445,6 +455,7 @@ def run(params: CmsParams | None = None) -> dict[str, Any]:
         "noop_hop_p50_ms": _ms(statistics.median(big["noop"])),
         "query_hits_mean": round(statistics.fmean(big["hits"]), 2),
         "broker_max_queued_messages": queue_limit,
+        "stock_max_queued_messages": stock_limit,
         "stock_config_delivered": stock,
         "stock_config_expected": 2 * n if stock is not None else None,
         "targets": {"ingest_10k_s_max": 5.0, "query_p50_ms_10k_max": 5.0},
@@ -471,7 +482,7 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"thread hop alone (no-op query) p50: {r['noop_hop_p50_ms']} ms; stored {r['stored']}, online {r['online']}")
     if r["stock_config_delivered"] is not None:
         print(
-            f"stock broker config (max_queued_messages {STOCK_QUEUE_LIMIT}): a late joiner received "
+            f"stock broker config (max_queued_messages {r['stock_max_queued_messages']}): a late joiner received "
             f"{r['stock_config_delivered']} of {r['stock_config_expected']} retained messages"
         )
     print("targets met" if r["targets_met"] else "TARGETS NOT MET")

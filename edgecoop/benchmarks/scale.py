@@ -163,10 +163,11 @@ def _raise_nofile() -> int:
 
 
 def _broker_config(port: int, agents: int) -> str:
+    from edgecoop.benchmarks.cms import stock_queue_limit
     from edgecoop.broker.configs import development_config
 
     # a late joiner's 2N retained messages all land in its queue at once: make sure they fit
-    queue = max(5000, 2 * agents + 1000)
+    queue = max(stock_queue_limit(), 2 * agents + 1000)
     return (
         development_config(port)
         + f"# benchmark: the retained set fits one subscriber's queue\nmax_queued_messages {queue}\n"

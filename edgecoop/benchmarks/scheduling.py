@@ -15,6 +15,8 @@ import statistics
 import time
 from typing import Any
 
+from edgecoop.benchmarks.rpc import machine_info
+
 __all__ = ["main", "run"]
 
 
@@ -60,6 +62,7 @@ async def run(*, quick: bool = False, strategies: list[str] | None = None, concu
                 skipped.append(f"{cfg.agent_id}: {exc}")
         cloud_handler = next((h for a in agents for h in a.handlers.values() if h.kind == "cloud"), None)
         out: dict[str, Any] = {
+            "benchmark": "scheduling",
             "tasks": len(tasks),
             "agents": [a.agent_id for a in agents],
             "skipped_agents": skipped,
@@ -67,6 +70,8 @@ async def run(*, quick: bool = False, strategies: list[str] | None = None, concu
                 f"reference stand-in: answers from the labelled reference answers, {cloud_latency_ms:.0f} ms, "
                 f"${cloud_cost} per call (offline; not a real LLM)"),
             "strategies": {},
+            "params": {"quick": quick, "concurrency": concurrency, "cloud_latency_ms": cloud_latency_ms,
+                       "cloud_cost": cloud_cost, "strategies": names},
         }  # fmt: skip
         try:
             async with Orchestrator(settings, max_concurrent=concurrency, default_deadline_s=60) as orch:
@@ -121,12 +126,15 @@ async def run(*, quick: bool = False, strategies: list[str] | None = None, concu
                 round(1 - s["cloud_calls"] / base["cloud_calls"], 4) if base["cloud_calls"] else 0.0
             )
             s["correct_delta_vs_cloud_only_points"] = round(100 * (s["correct_fraction"] - base["correct_fraction"]), 2)
+    out["machine"] = machine_info()
     return out
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     result = asyncio.run(run(quick=bool(getattr(args, "quick", False))))
-    print(f"scheduling benchmark: {result['tasks']} labelled tasks per strategy; cloud tier: {result['cloud_tier']}")
+    m = result["machine"]
+    print(f"scheduling benchmark: {result['tasks']} labelled tasks per strategy; cloud tier: {result['cloud_tier']}; "
+          f"{m['cores']} cores, load {m['loadavg_1m']}")  # fmt: skip
     if result["skipped_agents"]:
         print("agents not started: " + "; ".join(result["skipped_agents"]))
     hdr = f"{'strategy':<18}{'cloud%':>8}{'saved':>8}{'correct':>9}{'Δpts':>7}{'p50 ms':>9}{'p95 ms':>9}{'cost $':>9}{'priv':>6}{'cloud B':>9}"
