@@ -343,7 +343,10 @@ def cmd_task(args: argparse.Namespace) -> int:
     _say_broker(broker)
 
     async def run() -> None:
-        async with TaskClient(broker, topics=Topics(args.prefix), connect_timeout=CLI_CONNECT_TIMEOUT_S) as client:
+        # with a user name, the client id and reply topic are the user name: the production broker forces that
+        # client id (use_username_as_clientid) and its ACL lets a user read only <prefix>/reply/<user name>
+        async with TaskClient(broker, topics=Topics(args.prefix), client_id=broker.username or None,
+                              connect_timeout=CLI_CONNECT_TIMEOUT_S) as client:  # fmt: skip
             await client.wait_for_orchestrator()  # none online: say so now, not after --timeout
             result.update(
                 await client.submit(args.question, timeout=args.timeout, strategy=args.strategy, privacy=args.privacy,

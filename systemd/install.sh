@@ -8,41 +8,75 @@
 #   systemd/install.sh --print-broker-config   print the Mosquitto config this script installs (no root needed)
 #   systemd/install.sh --print-acl             print the ACL this script installs (no root needed)
 #
+# Staging and tests (combine with the above):
+#   --root DIR     write every file under DIR instead of / (DESTDIR; env DESTDIR too). The files keep their final
+#                  paths inside (/etc/edgecoop/..., /opt/edgecoop/...); systemctl is never run.
+#   --no-system    change nothing outside the files: no apt, no useradd/usermod, no virtualenv/pip, no systemctl;
+#                  ownership is set only where this user can (as root, and when the group exists). No root needed.
+#
 # What it does (each step is safe to repeat):
-#   1. apt: python3-venv, mosquitto, mosquitto-clients                              (EDGECOOP_NO_APT=1 skips)
+#   1. apt: python3-venv, mosquitto, mosquitto-clients, openssl                     (EDGECOOP_NO_APT=1 skips)
 #   2. system user `edgecoop` (home /var/lib/edgecoop), added to the device groups that exist (video, render, ...)
 #   3. /opt/edgecoop/.venv with edgecoop installed from this checkout                (EDGECOOP_EXTRAS=llm,vision ...)
-#   4. /etc/edgecoop: edgecoop.env (broker URL, dashboard address), credentials/, agent.toml.example
+#   4. /etc/edgecoop: edgecoop.env (broker URL, CA file, dashboard address), orchestrator.toml, credentials/,
+#      agent.toml.example; everything the units read exists after this step
 #   5. broker (not with --agent-node):
 #        /etc/mosquitto/conf.d/edgecoop.conf  from `edgecoop broker --print-config production`
 #        /etc/mosquitto/edgecoop.acl          from `edgecoop broker --print-config acl` + Home Assistant lines
 #        /etc/mosquitto/edgecoop.passwd       one mosquitto_passwd entry per user: orchestrator, cms, dashboard,
-#                                             homeassistant and every agent /etc/edgecoop/<agent-id>.toml
+#                                             operator (for the edgecoop CLI), homeassistant and every agent
+#                                             /etc/edgecoop/<agent-id>.toml
 #      Passwords are generated once and kept in /etc/edgecoop/credentials/<user>.env (0640 root:edgecoop), which the
 #      units read as EDGECOOP_USERNAME / EDGECOOP_PASSWORD. Existing users keep their passwords.
 #   6. systemd units into /etc/systemd/system, the mosquitto.service drop-in, daemon-reload, enable (start is yours)
 #
 # Environment: EDGECOOP_SRC (checkout; default the one holding this script), EDGECOOP_HOME (/opt/edgecoop),
-# EDGECOOP_EXTRAS (none), PYTHON (python3, must be >= 3.11), EDGECOOP_BROKER (mqtt://127.0.0.1:1883),
+# EDGECOOP_EXTRAS (none), PYTHON (python3, must be >= 3.11), EDGECOOP_BROKER (hub: mqtt://127.0.0.1:<mqtt port>),
 # EDGECOOP_TOPIC_PREFIX (edgecoop/v1), EDGECOOP_MQTT_PORT (1883), EDGECOOP_WS_PORT (9001),
+# EDGECOOP_DASHBOARD_PORT (8080), EDGECOOP_GROUP (edgecoop: the group that may read /etc/edgecoop),
 # EDGECOOP_BIN (the edgecoop command used to generate configs; default the venv's).
 set -euo pipefail
 
 SRC=${EDGECOOP_SRC:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+PYTHON=${PYTHON:-python3}
+ROOT=${DESTDIR:-}
+NO_SYSTEM=0
+MODE=full
+ADD_USER=
+PRINT=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --print-broker-config) PRINT=broker ;;
+    --print-acl) PRINT=acl ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    --agent-node) MODE=agent ;;
+    --add-user) MODE=add-user; ADD_USER=${2:?--add-user needs a user name (an agent id)}; shift ;;
+    --root) ROOT=${2:?--root needs a directory}; shift ;;
+    --root=*) ROOT=${1#--root=} ;;
+    --no-system) NO_SYSTEM=1 ;;
+    *) printf '[edgecoop] error: unknown option %s; see %s --help\n' "$1" "$0" >&2; exit 1 ;;
+  esac
+  shift
+done
+ROOT=${ROOT%/}
+[ -z "$ROOT" ] || ROOT=$(mkdir -p "$ROOT" && cd "$ROOT" && pwd)
+
+# Final paths (what the units and config files say); every write goes to "$ROOT$path".
 HOME_DIR=${EDGECOOP_HOME:-/opt/edgecoop}
 VENV=$HOME_DIR/.venv
 EXTRAS=${EDGECOOP_EXTRAS:-}
-PYTHON=${PYTHON:-python3}
-BROKER=${EDGECOOP_BROKER:-mqtt://127.0.0.1:1883}
 PREFIX=${EDGECOOP_TOPIC_PREFIX:-edgecoop/v1}
 MQTT_PORT=${EDGECOOP_MQTT_PORT:-1883}
 WS_PORT=${EDGECOOP_WS_PORT:-9001}
+DASHBOARD_PORT=${EDGECOOP_DASHBOARD_PORT:-8080}
+BROKER=${EDGECOOP_BROKER:-mqtt://127.0.0.1:$MQTT_PORT}
+GROUP=${EDGECOOP_GROUP:-edgecoop}
 ETC=/etc/edgecoop
 CREDS=$ETC/credentials
 MOSQ=/etc/mosquitto
-MOSQ_MAIN=${EDGECOOP_MOSQUITTO_CONF:-$MOSQ/mosquitto.conf}
+MOSQ_MAIN=${EDGECOOP_MOSQUITTO_CONF:-$ROOT$MOSQ/mosquitto.conf}
 UNITS=/etc/systemd/system
-SERVICE_USERS=(orchestrator cms dashboard homeassistant)
+SERVICE_USERS=(orchestrator cms dashboard operator homeassistant)
 
 say() { printf '\033[1m[edgecoop]\033[0m %s\n' "$*"; }
 die() { printf '[edgecoop] error: %s\n' "$*" >&2; exit 1; }
@@ -70,8 +104,19 @@ heartbeat() {
 }
 edgecoop_bin() {
   if [ -n "${EDGECOOP_BIN:-}" ]; then echo "$EDGECOOP_BIN"
-  elif [ -x "$VENV/bin/edgecoop" ]; then echo "$VENV/bin/edgecoop"
+  elif [ -x "$ROOT$VENV/bin/edgecoop" ]; then echo "$ROOT$VENV/bin/edgecoop"
   else command -v edgecoop || die "no edgecoop command: run the full install first or set EDGECOOP_BIN"
+  fi
+}
+# own OWNER:GROUP MODE PATH...: the mode always; the owner when we can (root, and the group exists or is a number)
+own() {
+  local owner=$1 mode=$2 group=${1#*:}
+  shift 2
+  chmod "$mode" "$@"
+  if [ "$(id -u)" = 0 ] && { [[ $group =~ ^[0-9]+$ ]] || getent group "$group" >/dev/null; }; then
+    chown "$owner" "$@"
+  elif [ "$NO_SYSTEM" = 0 ]; then
+    die "cannot give $* to $owner (not root, or no group $group)"
   fi
 }
 
@@ -84,7 +129,7 @@ broker_config() {
   local drop_pl=0
   if [ -f "$MOSQ_MAIN" ] && grep -q '^persistence_location' "$MOSQ_MAIN"; then drop_pl=1; fi
   "$(edgecoop_bin)" broker --print-config production --port "$MQTT_PORT" --websockets-port "$WS_PORT" |
-    awk -v drop_pl="$drop_pl" -v main="$MOSQ_MAIN" '
+    awk -v drop_pl="$drop_pl" -v main="${MOSQ_MAIN#"$ROOT"}" '
       /^listener / { seen_listener = 1 }
       /^use_username_as_clientid/ && !seen_listener { uuc = $0; next }
       /^persistence_location/ && drop_pl == 1 { print "# persistence_location: set in " main; next }
@@ -108,46 +153,40 @@ topic read $PREFIX/agents/+/ha/#
 EOF
 }
 
-case "${1:-}" in
-  --print-broker-config) broker_config; exit 0 ;;
-  --print-acl) acl; exit 0 ;;
-  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+case "$PRINT" in
+  broker) broker_config; exit 0 ;;
+  acl) acl; exit 0 ;;
 esac
 
-[ "$(id -u)" = 0 ] || die "run as root: sudo $0 $*"
-MODE=full
-ADD_USER=
-case "${1:-}" in
-  "") ;;
-  --agent-node) MODE=agent ;;
-  --add-user) MODE=add-user; ADD_USER=${2:?--add-user needs a user name (an agent id)} ;;
-  *) die "unknown option ${1}; see $0 --help" ;;
-esac
+if [ "$NO_SYSTEM" = 0 ]; then
+  [ "$(id -u)" = 0 ] || die "run as root: sudo $0 (or --no-system --root DIR to stage the files without root)"
+fi
+if [ -n "$ROOT" ]; then say "installing into $ROOT (files keep their final paths; systemctl is not run)"; fi
 
 # -- MQTT users --------------------------------------------------------------------------------------------------
 new_password() { "$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(24))'; }
 
 ensure_user() {  # ensure_user NAME: a mosquitto_passwd entry and /etc/edgecoop/credentials/NAME.env, created once
-  local user=$1 env=$CREDS/$1.env password
+  local user=$1 env=$ROOT$CREDS/$1.env passwd=$ROOT$MOSQ/edgecoop.passwd password
   [[ $user =~ ^[A-Za-z0-9._-]{1,64}$ ]] || die "MQTT user '$user' must be a plain agent id ([A-Za-z0-9._-], at most 64)"
   if [ -f "$env" ]; then
     password=$(sed -n 's/^EDGECOOP_PASSWORD=//p' "$env")
   else
     password=$(new_password)
     (umask 077 && printf 'EDGECOOP_USERNAME=%s\nEDGECOOP_PASSWORD=%s\n' "$user" "$password" > "$env.tmp")
-    chown root:edgecoop "$env.tmp" && chmod 0640 "$env.tmp" && mv "$env.tmp" "$env"
-    say "created MQTT user $user (credentials in $env)"
+    own "root:$GROUP" 0640 "$env.tmp" && mv "$env.tmp" "$env"
+    say "created MQTT user $user (credentials in $CREDS/$user.env)"
   fi
-  if ! grep -q "^${user}:" "$MOSQ/edgecoop.passwd" 2>/dev/null; then
-    touch "$MOSQ/edgecoop.passwd"
-    mosquitto_passwd -b "$MOSQ/edgecoop.passwd" "$user" "$password"
+  if ! grep -q "^${user}:" "$passwd" 2>/dev/null; then
+    touch "$passwd"
+    mosquitto_passwd -b "$passwd" "$user" "$password"
     PASSWD_CHANGED=1
   fi
 }
 
 agent_ids() {  # every /etc/edgecoop/<id>.toml except orchestrator.toml; the [agent] id must equal the file name
   local f id
-  for f in "$ETC"/*.toml; do
+  for f in "$ROOT$ETC"/*.toml; do
     [ -e "$f" ] || continue
     id=$(basename "$f" .toml)
     [ "$id" = orchestrator ] && continue
@@ -159,26 +198,31 @@ agent_ids() {  # every /etc/edgecoop/<id>.toml except orchestrator.toml; the [ag
   done
 }
 
+systemd_here() { [ "$NO_SYSTEM" = 0 ] && [ -z "$ROOT" ] && [ -d /run/systemd/system ]; }
+
 if [ "$MODE" = add-user ]; then
   command -v mosquitto_passwd >/dev/null || die "mosquitto_passwd not found: run this on the broker host"
-  mkdir -p "$CREDS"
+  mkdir -p "$ROOT$CREDS" "$ROOT$MOSQ"
   PASSWD_CHANGED=0
   ensure_user "$ADD_USER"
-  chown root:mosquitto "$MOSQ/edgecoop.passwd" && chmod 0640 "$MOSQ/edgecoop.passwd"
-  [ "$PASSWD_CHANGED" = 1 ] && [ -d /run/systemd/system ] && systemctl reload mosquitto || true
+  own root:mosquitto 0640 "$ROOT$MOSQ/edgecoop.passwd"
+  if [ "$PASSWD_CHANGED" = 1 ] && systemd_here; then systemctl reload mosquitto; fi
   say "copy $CREDS/$ADD_USER.env to the agent node's $CREDS/$ADD_USER.env (mode 0640, root:edgecoop)"
   exit 0
 fi
 
 # -- 1. packages ---------------------------------------------------------------------------------------------------
 pkgs=()
-"$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || pkgs+=(python3-venv)
+if [ "$NO_SYSTEM" = 0 ]; then
+  "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null || pkgs+=(python3-venv)
+fi
 if [ "$MODE" = full ]; then
-  { command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } || pkgs+=(mosquitto)
+  { command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || [ "$NO_SYSTEM" = 1 ]; } || pkgs+=(mosquitto)
   command -v mosquitto_passwd >/dev/null || pkgs+=(mosquitto-clients mosquitto)
 fi
 if [ ${#pkgs[@]} -gt 0 ]; then
   [ "${EDGECOOP_NO_APT:-0}" = 1 ] && die "missing packages: ${pkgs[*]} (EDGECOOP_NO_APT=1 is set)"
+  [ "$NO_SYSTEM" = 1 ] && die "missing packages: ${pkgs[*]} (--no-system: install them first)"
   say "apt-get install ${pkgs[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}"
@@ -191,39 +235,62 @@ mapfile -t AGENTS <<< "$agents_found"
 [ -n "$agents_found" ] || AGENTS=()
 
 # -- 2. user -------------------------------------------------------------------------------------------------------
-if ! id edgecoop >/dev/null 2>&1; then
-  say "creating system user edgecoop"
-  useradd --system --home-dir /var/lib/edgecoop --no-create-home --shell /usr/sbin/nologin --user-group edgecoop
-fi
-for group in video render gpio i2c spi dialout; do  # cameras, Jetson GPU, Pi sensors; only groups that exist
-  if getent group "$group" >/dev/null && ! id -nG edgecoop | tr ' ' '\n' | grep -qx "$group"; then
-    usermod -aG "$group" edgecoop
+if [ "$NO_SYSTEM" = 0 ]; then
+  if ! id edgecoop >/dev/null 2>&1; then
+    say "creating system user edgecoop"
+    useradd --system --home-dir /var/lib/edgecoop --no-create-home --shell /usr/sbin/nologin --user-group edgecoop
   fi
-done
+  for group in video render gpio i2c spi dialout; do  # cameras, Jetson GPU, Pi sensors; only groups that exist
+    if getent group "$group" >/dev/null && ! id -nG edgecoop | tr ' ' '\n' | grep -qx "$group"; then
+      usermod -aG "$group" edgecoop
+    fi
+  done
+fi
 
 # -- 3. virtualenv ---------------------------------------------------------------------------------------------
-mkdir -p "$HOME_DIR"
-[ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
-say "installing edgecoop${EXTRAS:+[$EXTRAS]} from $SRC into $VENV"
-heartbeat "upgrading pip" "$VENV/bin/python" -m pip install --upgrade pip || die "pip upgrade failed"
-heartbeat "installing edgecoop${EXTRAS:+[$EXTRAS]} (llama-cpp-python compiles for minutes, longer on a Pi)" \
-  "$VENV/bin/python" -m pip install --upgrade "$SRC${EXTRAS:+[$EXTRAS]}" || die "pip install failed (its last lines are above)"
-mkdir -p "$HOME_DIR/docs" && cp "$SRC"/docs/*.md "$HOME_DIR/docs/"
+mkdir -p "$ROOT$HOME_DIR"
+if [ "$NO_SYSTEM" = 0 ]; then
+  [ -x "$ROOT$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$ROOT$VENV"; }
+  say "installing edgecoop${EXTRAS:+[$EXTRAS]} from $SRC into $VENV"
+  heartbeat "upgrading pip" "$ROOT$VENV/bin/python" -m pip install --upgrade pip || die "pip upgrade failed"
+  heartbeat "installing edgecoop${EXTRAS:+[$EXTRAS]} (llama-cpp-python compiles for minutes, longer on a Pi)" \
+    "$ROOT$VENV/bin/python" -m pip install --upgrade "$SRC${EXTRAS:+[$EXTRAS]}" || die "pip install failed (its last lines are above)"
+else
+  say "--no-system: no virtualenv; the units expect $VENV/bin/edgecoop"
+fi
+mkdir -p "$ROOT$HOME_DIR/docs" && cp "$SRC"/docs/*.md "$ROOT$HOME_DIR/docs/"
 
 # -- 4. /etc/edgecoop ----------------------------------------------------------------------------------------------
-install -d -m 0750 -o root -g edgecoop "$ETC" "$CREDS"
-if [ ! -f "$ETC/edgecoop.env" ]; then
-  cat > "$ETC/edgecoop.env" <<EOF
+mkdir -p "$ROOT$ETC" "$ROOT$CREDS"
+own "root:$GROUP" 0750 "$ROOT$ETC" "$ROOT$CREDS"
+# write_once FILE: stdin becomes FILE (0640 root:edgecoop) unless it exists: the operator's edits are kept
+write_once() {
+  local file=$ROOT$1
+  if [ -f "$file" ]; then cat > /dev/null; return; fi
+  cat > "$file.tmp"
+  own "root:$GROUP" 0640 "$file.tmp" && mv "$file.tmp" "$file"
+  say "created $1"
+}
+write_once "$ETC/edgecoop.env" <<EOF
 # read by every edgecoop unit (credentials are per service, in $CREDS/<user>.env)
 EDGECOOP_BROKER=$BROKER
 # the dashboard has no login: keep it on loopback, or set 0.0.0.0 on a trusted network only
 EDGECOOP_DASHBOARD_HOST=127.0.0.1
-EDGECOOP_DASHBOARD_PORT=8080
+EDGECOOP_DASHBOARD_PORT=$DASHBOARD_PORT
 EOF
-  chown root:edgecoop "$ETC/edgecoop.env" && chmod 0640 "$ETC/edgecoop.env"
-fi
-if [ ! -f "$ETC/agent.toml.example" ]; then
-  cat > "$ETC/agent.toml.example" <<'EOF'
+write_once "$ETC/orchestrator.toml" <<'EOF'
+# edgecoop-orchestrator.service runs `edgecoop orchestrator --config /etc/edgecoop/orchestrator.toml`.
+# Every key is also a flag of `edgecoop orchestrator` (see --help); the broker URL comes from EDGECOOP_BROKER in
+# /etc/edgecoop/edgecoop.env and the credentials from /etc/edgecoop/credentials/orchestrator.env, unless a
+# [broker] table here says otherwise (url, username, password_file, ca_file, ...).
+[orchestrator]
+id = "orchestrator"              # also its MQTT user: change both together
+strategy = "capability-aware"    # or cascade, edge-only, least-loaded, round-robin, random, cloud-only
+classifier = "rule"              # "slm": the SmolLM2 parser when the fast one is unsure (needs EDGECOOP_EXTRAS=llm)
+db = "tasks.db"                  # task states and results; relative to the unit's WorkingDirectory /var/lib/edgecoop
+summarize = false
+EOF
+write_once "$ETC/agent.toml.example" <<'EOF'
 # Copy to /etc/edgecoop/<agent-id>.toml (the file name must equal [agent] id), then on the broker host run
 # `sudo systemd/install.sh` again (it creates the agent's MQTT user) and `sudo systemctl enable --now edgecoop-agent@<agent-id>`.
 [agent]
@@ -239,33 +306,33 @@ home_assistant = false
 [[capabilities]]
 kind = "echo"
 EOF
-  chmod 0640 "$ETC/agent.toml.example" && chown root:edgecoop "$ETC/agent.toml.example"
-fi
 
 # -- 5. broker -----------------------------------------------------------------------------------------------------
+restart=0
+PASSWD_CHANGED=0
 if [ "$MODE" = full ]; then
-  PASSWD_CHANGED=0
+  mkdir -p "$ROOT$MOSQ/conf.d"
   for user in "${SERVICE_USERS[@]}" "${AGENTS[@]}"; do ensure_user "$user"; done
-  chown root:mosquitto "$MOSQ/edgecoop.passwd" && chmod 0640 "$MOSQ/edgecoop.passwd"
-  mkdir -p "$MOSQ/conf.d"
-  restart=0
-  broker_config > "$MOSQ/conf.d/edgecoop.conf.new"
-  acl > "$MOSQ/edgecoop.acl.new"
-  cmp -s "$MOSQ/conf.d/edgecoop.conf.new" "$MOSQ/conf.d/edgecoop.conf" 2>/dev/null || restart=1
-  cmp -s "$MOSQ/edgecoop.acl.new" "$MOSQ/edgecoop.acl" 2>/dev/null || PASSWD_CHANGED=1
-  install -m 0644 "$MOSQ/conf.d/edgecoop.conf.new" "$MOSQ/conf.d/edgecoop.conf"
-  install -m 0640 -o root -g mosquitto "$MOSQ/edgecoop.acl.new" "$MOSQ/edgecoop.acl"
-  rm -f "$MOSQ/conf.d/edgecoop.conf.new" "$MOSQ/edgecoop.acl.new"
+  own root:mosquitto 0640 "$ROOT$MOSQ/edgecoop.passwd"
+  conf=$ROOT$MOSQ/conf.d/edgecoop.conf
+  broker_config > "$conf.new"
+  acl > "$ROOT$MOSQ/edgecoop.acl.new"
+  cmp -s "$conf.new" "$conf" 2>/dev/null || restart=1
+  cmp -s "$ROOT$MOSQ/edgecoop.acl.new" "$ROOT$MOSQ/edgecoop.acl" 2>/dev/null || PASSWD_CHANGED=1
+  chmod 0644 "$conf.new" && mv "$conf.new" "$conf"
+  own root:mosquitto 0640 "$ROOT$MOSQ/edgecoop.acl.new" && mv "$ROOT$MOSQ/edgecoop.acl.new" "$ROOT$MOSQ/edgecoop.acl"
 fi
 
 # -- 6. units --------------------------------------------------------------------------------------------------------
+mkdir -p "$ROOT$UNITS"
 install -m 0644 "$SRC"/systemd/edgecoop-agent@.service "$SRC"/systemd/edgecoop-orchestrator.service \
-  "$SRC"/systemd/edgecoop-cms.service "$SRC"/systemd/edgecoop-dashboard.service "$SRC"/systemd/edgecoop.target "$UNITS/"
+  "$SRC"/systemd/edgecoop-cms.service "$SRC"/systemd/edgecoop-dashboard.service "$SRC"/systemd/edgecoop.target \
+  "$ROOT$UNITS/"
 if [ "$MODE" = full ]; then
-  install -d "$UNITS/mosquitto.service.d"
-  install -m 0644 "$SRC/systemd/mosquitto-edgecoop.conf" "$UNITS/mosquitto.service.d/edgecoop.conf"
+  install -d "$ROOT$UNITS/mosquitto.service.d"
+  install -m 0644 "$SRC/systemd/mosquitto-edgecoop.conf" "$ROOT$UNITS/mosquitto.service.d/edgecoop.conf"
 fi
-if [ -d /run/systemd/system ]; then
+if systemd_here; then
   systemctl daemon-reload
   if [ "$MODE" = full ]; then
     systemctl enable mosquitto.service edgecoop.target
@@ -274,6 +341,8 @@ if [ -d /run/systemd/system ]; then
     fi
   fi
   for id in "${AGENTS[@]}"; do systemctl enable "edgecoop-agent@$id.service"; done
+elif [ -n "$ROOT" ] || [ "$NO_SYSTEM" = 1 ]; then
+  say "units installed, not enabled (--root / --no-system)"
 else
   say "systemd is not running here: units installed but not enabled"
 fi
@@ -281,6 +350,7 @@ fi
 say "done. Agents: ${AGENTS[*]:-(none yet: see $ETC/agent.toml.example)}"
 if [ "$MODE" = full ]; then
   say "start:  systemctl start edgecoop.target      logs: journalctl -u 'edgecoop-*' -f"
+  say "ask:    see docs/deployment.md §6 (edgecoop task as the MQTT user operator)"
 else
   say "start:  systemctl start edgecoop-agent@<id>  (credentials from the broker host: install.sh --add-user <id>)"
 fi

@@ -139,6 +139,9 @@ pattern read {p}/agents/+/status
 pattern read {p}/agents/+/data/#
 pattern write {p}/tasks/submit
 pattern read {p}/tasks/events/#
+# orchestrators' online status and overload alarms: `edgecoop task` waits for one online, dashboards show them
+pattern read {p}/orchestrators/+/status
+pattern read {p}/orchestrators/+/alarm
 # across sites (bridged): requests to us from other sites, our replies to their requesters
 pattern read {p}/sites/+/agents/%u/req/#
 pattern readwrite {p}/sites/+/reply/%u
