@@ -62,7 +62,9 @@ def cmd_broker(args: argparse.Namespace) -> int:
         if kind == "development":
             print(development_config(args.port or 1883, websockets_port=args.websockets_port), end="")
         elif kind == "production":
-            print(production_config(port=args.port or 1883, websockets_port=args.websockets_port or 9001), end="")
+            tls_port = 8883 if args.tls_port is None else args.tls_port or None
+            print(production_config(port=args.port or 1883, websockets_port=args.websockets_port or 9001,
+                                    tls_port=tls_port), end="")  # fmt: skip
         elif kind == "acl":
             print(production_acl(prefix=args.prefix), end="")
         elif kind == "bridge":
@@ -401,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="listener port (default: a free port)")
     p.add_argument("--websockets-port", type=int, default=None, help="also open a websockets listener")
     p.add_argument("--persistence", action="store_true", help="persist retained messages and sessions")
+    p.add_argument("--tls-port", type=int, default=None,
+                   help="with --print-config production: the TLS listener's port (default 8883; 0 = none)")  # fmt: skip
     p.add_argument("--print-config", choices=["development", "production", "acl", "bridge"],
                    help="print a Mosquitto config (production: for /etc/mosquitto/conf.d) and exit")  # fmt: skip
     p.add_argument("--site", help="with --print-config bridge: this site's id")
@@ -454,7 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run a benchmark (always with a baseline in the same run)",
                        description="Benchmarks: rpc (vs raw paho), cms (ingest and discovery latency).")  # fmt: skip
     p.add_argument(
-        "which", choices=["rpc", "cms", "scheduling", "slm", "understanding", "scale", "a2a"], help="which benchmark"
+        "which",
+        choices=["rpc", "cms", "scheduling", "slm", "understanding", "scale", "a2a", "overload"],
+        help="which benchmark",
     )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--quick", action="store_true", help="smaller workload (smoke run)")

@@ -7,6 +7,7 @@
 #   sudo systemd/install.sh --add-user NAME    on the broker host: create MQTT user NAME (an agent id) and its credentials
 #   systemd/install.sh --print-broker-config   print the Mosquitto config this script installs (no root needed)
 #   systemd/install.sh --print-acl             print the ACL this script installs (no root needed)
+#   sudo systemd/install.sh --make-certs       only the TLS files: a CA and the broker's certificate, when missing
 #
 # Staging and tests (combine with the above):
 #   --root DIR     write every file under DIR instead of / (DESTDIR; env DESTDIR too). The files keep their final
@@ -21,7 +22,12 @@
 #   4. /etc/edgecoop: edgecoop.env (broker URL, CA file, dashboard address), orchestrator.toml, credentials/,
 #      agent.toml.example; everything the units read exists after this step
 #   5. broker (not with --agent-node):
-#        /etc/mosquitto/conf.d/edgecoop.conf  from `edgecoop broker --print-config production`
+#        /etc/mosquitto/conf.d/edgecoop.conf  from `edgecoop broker --print-config production` (MQTT on 1883,
+#                                             MQTT over TLS on 8883, websockets on 9001)
+#        /etc/mosquitto/certs/edgecoop-server.{crt,key}  the TLS listener's certificate, made with openssl when
+#                                             missing (yours are kept), signed by a CA of this hub:
+#        /etc/edgecoop/tls/ca.{crt,key}       that CA (the key stays here, 0600 root); /etc/edgecoop/ca.crt is its
+#                                             certificate for clients (copy it to agent nodes: mqtts:// checks it)
 #        /etc/mosquitto/edgecoop.acl          from `edgecoop broker --print-config acl` + Home Assistant lines
 #        /etc/mosquitto/edgecoop.passwd       one mosquitto_passwd entry per user: orchestrator, cms, dashboard,
 #                                             operator (for the edgecoop CLI), homeassistant and every agent
@@ -33,7 +39,9 @@
 # Environment: EDGECOOP_SRC (checkout; default the one holding this script), EDGECOOP_HOME (/opt/edgecoop),
 # EDGECOOP_EXTRAS (none), PYTHON (python3, must be >= 3.11), EDGECOOP_BROKER (hub: mqtt://127.0.0.1:<mqtt port>),
 # EDGECOOP_TOPIC_PREFIX (edgecoop/v1), EDGECOOP_MQTT_PORT (1883), EDGECOOP_WS_PORT (9001),
-# EDGECOOP_DASHBOARD_PORT (8080), EDGECOOP_GROUP (edgecoop: the group that may read /etc/edgecoop),
+# EDGECOOP_TLS_PORT (8883), EDGECOOP_TLS_NAMES (extra names in the broker's certificate, comma-separated, e.g.
+# hub.example.org,192.168.1.10; default: the host name, <name>.local, localhost, 127.0.0.1, ::1 and this machine's
+# addresses), EDGECOOP_DASHBOARD_PORT (8080), EDGECOOP_GROUP (edgecoop: the group that may read /etc/edgecoop),
 # EDGECOOP_BIN (the edgecoop command used to generate configs; default the venv's).
 set -euo pipefail
 
@@ -48,6 +56,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --print-broker-config) PRINT=broker ;;
     --print-acl) PRINT=acl ;;
+    --make-certs) MODE=certs ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     --agent-node) MODE=agent ;;
     --add-user) MODE=add-user; ADD_USER=${2:?--add-user needs a user name (an agent id)}; shift ;;
@@ -68,6 +77,7 @@ EXTRAS=${EDGECOOP_EXTRAS:-}
 PREFIX=${EDGECOOP_TOPIC_PREFIX:-edgecoop/v1}
 MQTT_PORT=${EDGECOOP_MQTT_PORT:-1883}
 WS_PORT=${EDGECOOP_WS_PORT:-9001}
+TLS_PORT=${EDGECOOP_TLS_PORT:-8883}
 DASHBOARD_PORT=${EDGECOOP_DASHBOARD_PORT:-8080}
 BROKER=${EDGECOOP_BROKER:-mqtt://127.0.0.1:$MQTT_PORT}
 GROUP=${EDGECOOP_GROUP:-edgecoop}
@@ -128,7 +138,8 @@ own() {
 broker_config() {
   local drop_pl=0
   if [ -f "$MOSQ_MAIN" ] && grep -q '^persistence_location' "$MOSQ_MAIN"; then drop_pl=1; fi
-  "$(edgecoop_bin)" broker --print-config production --port "$MQTT_PORT" --websockets-port "$WS_PORT" |
+  "$(edgecoop_bin)" broker --print-config production --port "$MQTT_PORT" --websockets-port "$WS_PORT" \
+    --tls-port "$TLS_PORT" |
     awk -v drop_pl="$drop_pl" -v main="${MOSQ_MAIN#"$ROOT"}" '
       /^listener / { seen_listener = 1 }
       /^use_username_as_clientid/ && !seen_listener { uuc = $0; next }
@@ -151,6 +162,60 @@ topic read homeassistant/#
 topic write homeassistant/status
 topic read $PREFIX/agents/+/ha/#
 EOF
+}
+
+# -- TLS: a CA of this hub and the broker's certificate (docs/deployment.md shows the same openssl commands) ----
+# tls_names: subjectAltName entries for the broker's certificate
+tls_names() {
+  local host names=() name
+  host=$(hostname)
+  names+=("DNS:$host" "DNS:${host%%.*}.local" "DNS:localhost" "IP:127.0.0.1" "IP:::1")
+  for name in $(hostname -I 2>/dev/null || true) $(echo "${EDGECOOP_TLS_NAMES:-}" | tr , " "); do
+    if [[ $name =~ ^[0-9.]+$ || $name == *:* ]]; then names+=("IP:$name"); else names+=("DNS:$name"); fi
+  done
+  local IFS=,
+  echo "${names[*]}" | tr ',' '\n' | awk '!seen[$0]++' | paste -sd, -
+}
+
+make_certs() {
+  local certs=$ROOT$MOSQ/certs ca=$ROOT$ETC/tls work
+  if [ -f "$certs/edgecoop-server.crt" ] && [ -f "$certs/edgecoop-server.key" ]; then
+    say "TLS: keeping $MOSQ/certs/edgecoop-server.crt ($(openssl x509 -noout -subject -enddate -in "$certs/edgecoop-server.crt" | paste -sd' ' -))"
+    return
+  fi
+  command -v openssl >/dev/null || die "openssl not found (apt-get install openssl)"
+  mkdir -p "$certs" "$ca"
+  own "root:root" 0700 "$ca"
+  if [ ! -f "$ca/ca.key" ]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
+      -subj "/CN=edgecoop CA $(hostname)" -addext "basicConstraints=critical,CA:TRUE" \
+      -addext "keyUsage=critical,keyCertSign,cRLSign" -keyout "$ca/ca.key" -out "$ca/ca.crt" 2>/dev/null \
+      || die "openssl could not make the CA"
+    chmod 0600 "$ca/ca.key"
+    say "TLS: created a CA for this hub ($ETC/tls/ca.crt; its key stays in $ETC/tls)"
+  fi
+  work=$(mktemp -d)
+  # the extensions strict verifiers (Python >= 3.13's default X509_STRICT) insist on, and the names clients may use
+  printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
+    "extendedKeyUsage=serverAuth" "subjectKeyIdentifier=hash" "authorityKeyIdentifier=keyid,issuer" \
+    "subjectAltName=$(tls_names)" > "$work/server.ext"
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=$(hostname)" \
+    -keyout "$work/server.key" -out "$work/server.csr" 2>/dev/null || die "openssl could not make the server key"
+  openssl x509 -req -in "$work/server.csr" -CA "$ca/ca.crt" -CAkey "$ca/ca.key" -set_serial "0x$(openssl rand -hex 16)" \
+    -days 825 -extfile "$work/server.ext" -out "$work/server.crt" 2>/dev/null || die "openssl could not sign the server certificate"
+  install -m 0644 "$work/server.crt" "$certs/edgecoop-server.crt"
+  install -m 0600 "$work/server.key" "$certs/edgecoop-server.key"
+  own root:mosquitto 0640 "$certs/edgecoop-server.key"
+  rm -rf "$work"
+  CERTS_CHANGED=1
+  say "TLS: created $MOSQ/certs/edgecoop-server.crt for $(tls_names)"
+}
+
+# install_ca_for_clients: /etc/edgecoop/ca.crt, what every client on this machine and the agent nodes check against
+install_ca_for_clients() {
+  if [ -f "$ROOT$ETC/tls/ca.crt" ] && ! cmp -s "$ROOT$ETC/tls/ca.crt" "$ROOT$ETC/ca.crt"; then
+    install -m 0644 "$ROOT$ETC/tls/ca.crt" "$ROOT$ETC/ca.crt"
+  fi
 }
 
 case "$PRINT" in
@@ -211,6 +276,15 @@ if [ "$MODE" = add-user ]; then
   exit 0
 fi
 
+if [ "$MODE" = certs ]; then
+  mkdir -p "$ROOT$ETC"
+  CERTS_CHANGED=0
+  make_certs
+  install_ca_for_clients
+  if [ "$CERTS_CHANGED" = 1 ]; then say "restart the broker to load the new certificate: systemctl restart mosquitto"; fi
+  exit 0
+fi
+
 # -- 1. packages ---------------------------------------------------------------------------------------------------
 pkgs=()
 if [ "$NO_SYSTEM" = 0 ]; then
@@ -219,6 +293,7 @@ fi
 if [ "$MODE" = full ]; then
   { command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || [ "$NO_SYSTEM" = 1 ]; } || pkgs+=(mosquitto)
   command -v mosquitto_passwd >/dev/null || pkgs+=(mosquitto-clients mosquitto)
+  command -v openssl >/dev/null || pkgs+=(openssl)
 fi
 if [ ${#pkgs[@]} -gt 0 ]; then
   [ "${EDGECOOP_NO_APT:-0}" = 1 ] && die "missing packages: ${pkgs[*]} (EDGECOOP_NO_APT=1 is set)"
@@ -274,6 +349,9 @@ write_once() {
 write_once "$ETC/edgecoop.env" <<EOF
 # read by every edgecoop unit (credentials are per service, in $CREDS/<user>.env)
 EDGECOOP_BROKER=$BROKER
+# for mqtts:// URLs: the CA of the broker's certificate (the hub's install.sh writes it; on an agent node, copy
+# the hub's /etc/edgecoop/ca.crt here). Plain mqtt:// URLs ignore it.
+EDGECOOP_CA_FILE=$ETC/ca.crt
 # the dashboard has no login: keep it on loopback, or set 0.0.0.0 on a trusted network only
 EDGECOOP_DASHBOARD_HOST=127.0.0.1
 EDGECOOP_DASHBOARD_PORT=$DASHBOARD_PORT
@@ -314,6 +392,10 @@ if [ "$MODE" = full ]; then
   mkdir -p "$ROOT$MOSQ/conf.d"
   for user in "${SERVICE_USERS[@]}" "${AGENTS[@]}"; do ensure_user "$user"; done
   own root:mosquitto 0640 "$ROOT$MOSQ/edgecoop.passwd"
+  CERTS_CHANGED=0
+  make_certs
+  install_ca_for_clients
+  restart=$CERTS_CHANGED
   conf=$ROOT$MOSQ/conf.d/edgecoop.conf
   broker_config > "$conf.new"
   acl > "$ROOT$MOSQ/edgecoop.acl.new"

@@ -25,7 +25,6 @@ way and its listeners on free loopback ports: never the machine's Mosquitto on 1
 from __future__ import annotations
 
 import grp
-import hashlib
 import json
 import os
 import pwd
@@ -82,6 +81,8 @@ class Scratch:
     ports: dict[str, int]
     #: (uid, gid) standing in for User=edgecoop / Group=edgecoop when the test runs as root
     run_as: tuple[int, int] | None
+    #: install.sh's environment (ports, the edgecoop command, the group)
+    install_env: dict[str, str] = field(default_factory=dict)
     install_log: list[str] = field(default_factory=list)
 
     def map(self, text: str) -> str:
@@ -131,7 +132,7 @@ def scratch() -> Iterator[Scratch]:
                            extra_groups=[], capture_output=True, timeout=30, check=True)  # fmt: skip
         except (OSError, subprocess.CalledProcessError):  # e.g. a pyenv Python under /root (0700)
             run_as = None  # another user cannot run this checkout's Python: User= is skipped as when not root
-    ports = {"mqtt": free_port(), "ws": free_port(), "dashboard": free_port()}
+    ports = {"mqtt": free_port(), "ws": free_port(), "tls": free_port(), "dashboard": free_port()}
     s = Scratch(root, ports, run_as)
     # what the Debian mosquitto package and the operator put there before install.sh runs
     s.path("/etc/mosquitto/conf.d").mkdir(parents=True)
@@ -143,12 +144,14 @@ def scratch() -> Iterator[Scratch]:
         "EDGECOOP_BIN": str(VENV_EDGECOOP),
         "EDGECOOP_MQTT_PORT": str(ports["mqtt"]),
         "EDGECOOP_WS_PORT": str(ports["ws"]),
+        "EDGECOOP_TLS_PORT": str(ports["tls"]),
         "EDGECOOP_DASHBOARD_PORT": str(ports["dashboard"]),
         "PYTHON": sys.executable,
     }
     env.pop("EDGECOOP_BROKER", None)
     if run_as:
         env["EDGECOOP_GROUP"] = str(run_as[1])
+    s.install_env = env
     s.install_log.append(run_install(s, env=env))
     s.install_log.append(run_install(s, env=env))  # idempotent: the second run must change nothing
     # pip is skipped: the checkout's virtualenv stands in for /opt/edgecoop/.venv
@@ -173,7 +176,7 @@ def hub_broker(scratch: Scratch) -> Iterator[MosquittoProcess]:
             shutil.chown(scratch.path(d), "mosquitto", "mosquitto")
     dropin = scratch.map(scratch.path("/etc/mosquitto/conf.d/edgecoop.conf").read_text())
     dropin, n = re.subn(r"^listener (\d+)$", r"listener \1 127.0.0.1", dropin, flags=re.M)
-    assert n >= 2, dropin
+    assert n == 3, dropin  # MQTT, MQTT over TLS, websockets
     (run / "conf.d" / "edgecoop.conf").write_text(dropin)
     main = scratch.map(scratch.path("/etc/mosquitto/mosquitto.conf").read_text())
     main = main.replace(f"include_dir {scratch.root}/etc/mosquitto/conf.d", f"include_dir {run}/conf.d")
@@ -364,9 +367,55 @@ def test_install_creates_everything_the_units_read(scratch):
     assert "\npersistence_location" not in dropin
 
 
+def test_install_makes_a_ca_and_the_brokers_tls_certificate(scratch):
+    """A CA of the hub (key root-only), the broker's certificate signed by it, the CA for clients in edgecoop.env."""
+    certs, tls = scratch.path("/etc/mosquitto/certs"), scratch.path("/etc/edgecoop/tls")
+    assert (certs / "edgecoop-server.key").stat().st_mode & 0o777 == 0o640  # read by the mosquitto group
+    assert (tls / "ca.key").stat().st_mode & 0o777 == 0o600 and tls.stat().st_mode & 0o777 == 0o700
+    assert scratch.path("/etc/edgecoop/ca.crt").read_bytes() == (tls / "ca.crt").read_bytes()
+    verify = subprocess.run(["openssl", "verify", "-x509_strict", "-purpose", "sslserver", "-CAfile",
+                             str(tls / "ca.crt"), str(certs / "edgecoop-server.crt")],
+                            capture_output=True, text=True, check=False)  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    text = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in",
+                           str(certs / "edgecoop-server.crt")], capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert {"DNS:localhost", "IP Address:127.0.0.1", f"DNS:{socket.gethostname()}"} <= set(
+        re.split(r",\s*|\n\s*", text)
+    )
+    env = read_environment_file(scratch.path("/etc/edgecoop/edgecoop.env"))
+    assert env["EDGECOOP_CA_FILE"] == "/etc/edgecoop/ca.crt"
+    dropin = scratch.path("/etc/mosquitto/conf.d/edgecoop.conf").read_text()
+    assert (
+        f"listener {scratch.ports['tls']}\nprotocol mqtt\ncertfile /etc/mosquitto/certs/edgecoop-server.crt" in dropin
+    )
+
+
+def test_the_documented_openssl_commands_make_a_certificate_that_verifies(tmp_path):
+    """docs/deployment.md's by-hand equivalent of `install.sh --make-certs`, run as written (paths mapped)."""
+    docs = (REPO / "docs" / "deployment.md").read_text()
+    block = re.search(r"amounts to these commands.*?```sh\n(.*?)```", docs, re.S)
+    assert block, "docs/deployment.md: the openssl commands are gone"
+    scratch = Scratch(tmp_path, {}, None)
+    script = scratch.map(block.group(1))
+    if os.geteuid() != 0:
+        script = script.replace("chgrp mosquitto ", "true ")  # only root may give a file to another group
+    scratch.path("/etc/mosquitto/certs").mkdir(parents=True)  # (the Debian package's directory)
+    scratch.path("/etc/edgecoop").mkdir(parents=True)
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=60,
+                         check=False)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    verify = subprocess.run(["openssl", "verify", "-x509_strict", "-purpose", "sslserver", "-CAfile",
+                             str(scratch.path("/etc/edgecoop/ca.crt")),
+                             str(scratch.path("/etc/mosquitto/certs/edgecoop-server.crt"))],
+                            capture_output=True, text=True, check=False)  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert scratch.path("/etc/mosquitto/certs/edgecoop-server.key").stat().st_mode & 0o777 == 0o640
+
+
 def test_install_is_idempotent(scratch):
     first, second = scratch.install_log
     assert "created MQTT user operator" in first and "created /etc/edgecoop/orchestrator.toml" in first
+    assert "TLS: created /etc/mosquitto/certs/edgecoop-server.crt" in first
     assert "created" not in second, second
 
 
@@ -403,6 +452,17 @@ def test_every_service_reports_ready_and_a_task_is_served_end_to_end(scratch, hu
     assert f"edgecoop: broker mqtt://127.0.0.1:{scratch.ports['mqtt']} as operator (from env EDGECOOP_BROKER" in (
         result.stderr
     )
+    # over TLS: the broker's listener with install.sh's certificate, checked against the CA edgecoop.env names
+    env = {"PATH": SYSTEMD_PATH, **read_environment_file(scratch.path("/etc/edgecoop/edgecoop.env"))}
+    env = {k: scratch.map(v) for k, v in (env | scratch.credentials("operator")).items()}
+    tls_url = f"mqtts://localhost:{scratch.ports['tls']}"
+    over_tls = subprocess.run([str(VENV_EDGECOOP), "task", "--json", "--broker", tls_url, question], env=env,
+                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert over_tls.returncode == 0, over_tls.stdout + over_tls.stderr
+    assert json.loads(over_tls.stdout)["state"] == "done"
+    assert f"edgecoop: broker {tls_url} as operator (from --broker, CA {scratch.path('/etc/edgecoop/ca.crt')})" in (
+        over_tls.stderr
+    )
     # the CMS service mirrors the card into its SQLite file (the ExecStart's --db, in the state directory)
     cms_db = scratch.path("/var/lib/edgecoop/cms.db")
 
@@ -436,13 +496,11 @@ def test_services_write_only_their_state_directories(scratch, hub):
     assert not [p for p in scratch.path("/etc/edgecoop").rglob("*") if p.stat().st_uid == uid]
 
 
-def test_passwords_are_kept_across_installs(scratch):
-    digest = hashlib.sha256(scratch.path("/etc/mosquitto/edgecoop.passwd").read_bytes()).hexdigest()
-    creds = {p.name: p.read_text() for p in scratch.path("/etc/edgecoop/credentials").iterdir()}
-    env = {**os.environ, "EDGECOOP_BIN": str(VENV_EDGECOOP), "PYTHON": sys.executable,
-           "EDGECOOP_MQTT_PORT": str(scratch.ports["mqtt"]), "EDGECOOP_WS_PORT": str(scratch.ports["ws"])}  # fmt: skip
-    if scratch.run_as:
-        env["EDGECOOP_GROUP"] = str(scratch.run_as[1])
-    run_install(scratch, env=env)
-    assert hashlib.sha256(scratch.path("/etc/mosquitto/edgecoop.passwd").read_bytes()).hexdigest() == digest
-    assert {p.name: p.read_text() for p in scratch.path("/etc/edgecoop/credentials").iterdir()} == creds
+def test_passwords_certificates_and_edits_are_kept_across_installs(scratch):
+    def etc() -> dict[str, bytes]:
+        return {str(p): p.read_bytes() for d in ("/etc/edgecoop", "/etc/mosquitto") for p in
+                sorted(scratch.path(d).rglob("*")) if p.is_file()}  # fmt: skip
+
+    before = etc()
+    run_install(scratch, env=scratch.install_env)
+    assert etc() == before

@@ -75,7 +75,7 @@ def production() -> Iterator[ProductionBroker]:
     work = Path(tempfile.mkdtemp(prefix="edgecoop-security-"))
     work.chmod(0o755)
     port = free_port()
-    conf = production_config(port=port, websockets_port=None, etc_dir=str(work), data_dir=str(work))
+    conf = production_config(port=port, websockets_port=None, tls_port=None, etc_dir=str(work), data_dir=str(work))
     conf = _adapt(conf, f"listener {port}\n", f"listener {port} 127.0.0.1\n")  # loopback only on a shared machine
     conf = _adapt(conf, f"# persistence_location {work}/\n", f"persistence_location {work}/\n")
     conf += f"log_dest file {work}/mosquitto.log\n"  # the broker's reasons, readable by the tests

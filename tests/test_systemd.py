@@ -238,7 +238,7 @@ def production_broker() -> Iterator[tuple[int, dict[str, str]]]:
     """Mosquitto started the Debian way (stock main conf + conf.d) with what install.sh generates, on free ports."""
     # not pytest's tmp_path: its root is 0700, and a root-started Mosquitto reads these files as user mosquitto
     root = Path(tempfile.mkdtemp(prefix="edgecoop-prod-", dir="/tmp"))
-    etc, data = root / "etc", root / "data"
+    etc, data = root / "etc" / "mosquitto", root / "data"
     (etc / "conf.d").mkdir(parents=True)
     data.mkdir()
     main = etc / "mosquitto.conf"
@@ -253,6 +253,9 @@ def production_broker() -> Iterator[tuple[int, dict[str, str]]]:
         "EDGECOOP_MOSQUITTO_CONF": str(main),
     }
     script = UNIT_DIR / "install.sh"
+    # the TLS listener's certificate, made as install.sh makes it (under root/etc/mosquitto/certs)
+    subprocess.run([script, "--make-certs", "--root", str(root), "--no-system"], env=env, capture_output=True,
+                   check=True)  # fmt: skip
     conf = subprocess.run([script, "--print-broker-config"], env=env, capture_output=True, text=True, check=True).stdout
     acl = subprocess.run([script, "--print-acl"], env=env, capture_output=True, text=True, check=True).stdout
     (etc / "conf.d" / "edgecoop.conf").write_text(conf.replace("/etc/mosquitto", str(etc)))

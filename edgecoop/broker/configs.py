@@ -63,14 +63,32 @@ def production_config(
     *,
     port: int = 1883,
     websockets_port: int | None = 9001,
+    tls_port: int | None = 8883,
     etc_dir: str = "/etc/mosquitto",
     data_dir: str = "/var/lib/mosquitto",
 ) -> str:
-    """A Pi-ready broker: passwords, per-agent ACL, client id = username, durable persistence."""
+    """A Pi-ready broker: passwords, per-agent ACL, client id = username, durable persistence, a TLS listener.
+
+    The TLS listener's certificate and key are ``{etc_dir}/certs/edgecoop-server.crt`` / ``.key`` (systemd/install.sh
+    makes them, with a CA of its own, when they do not exist; docs/deployment.md shows the openssl commands).
+    """
     ws = (
         f"\n# dashboards (browser MQTT over websockets); same passwords and ACL\nlistener {websockets_port}\n"
         "protocol websockets\nuse_username_as_clientid true\n"
         if websockets_port
+        else ""
+    )
+    tls = (
+        f"""
+# MQTT over TLS (mqtts://host:{tls_port}) for agents on other machines: passwords never cross the network in clear.
+# Clients check this certificate against the CA that signed it (install.sh: /etc/edgecoop/ca.crt) and its host name.
+listener {tls_port}
+protocol mqtt
+certfile {etc_dir}/certs/edgecoop-server.crt
+keyfile {etc_dir}/certs/edgecoop-server.key
+use_username_as_clientid true
+"""
+        if tls_port
         else ""
     )
     return f"""\
@@ -85,7 +103,7 @@ protocol mqtt
 # a client may only use its own username as client id: no client-id takeover of another agent
 # (a listener option: placed before any listener, Mosquitto would open an extra default listener)
 use_username_as_clientid true
-{ws}
+{tls}{ws}
 # PUBACK is not "on disk": save on every change so a power cut loses nothing acknowledged
 persistence true
 # persistence_location is set by Debian's /etc/mosquitto/mosquitto.conf (a second one is fatal);
