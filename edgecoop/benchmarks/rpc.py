@@ -36,9 +36,10 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
-__all__ = ["RpcParams", "machine_info", "main", "percentile", "run"]
+__all__ = ["RpcParams", "code_version", "machine_info", "main", "percentile", "run"]
 
 AGENT_ID = "bench-echo"
 _READY = "ready"
@@ -76,6 +77,19 @@ def _version(dist: str) -> str:
         return "?"
 
 
+def code_version() -> str:
+    """The git commit the benchmark ran from (``+dirty`` with uncommitted changes), or ``?`` outside a checkout."""
+    root = str(Path(__file__).resolve().parents[2])
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()  # fmt: skip
+        changes = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return head + ("+dirty" if changes else "")
+
+
 def machine_info() -> dict[str, Any]:
     """What the figures were measured on: they mean little without it."""
     from edgecoop.broker import find_mosquitto
@@ -107,6 +121,7 @@ def machine_info() -> dict[str, Any]:
         "msgpack": _version("msgpack"),
         "loadavg_1m": round(load, 2),
         "loadavg_5m": round(load5, 2),  # the machine is shared: a run's figures are read with its load
+        "edgecoop_commit": code_version(),  # what ran: a result is repeatable from this commit
     }
 
 
