@@ -762,6 +762,8 @@ class Connection:
         self._client: aiomqtt.Client | None = None
         self._path: _DataPath | None = None
         self.connected = asyncio.Event()
+        #: set when a connection is lost (cleared on the next connect): what a watcher awaits, as ``connected``
+        self.disconnected = asyncio.Event()
         self._first_attempt_done = asyncio.Event()
         self._first_error: BaseException | None = None
         self._refused: aiomqtt.MqttError | None = None
@@ -864,6 +866,7 @@ class Connection:
                     self.counters.connects += 1
                     attempt = 0
                     await _unless_disconnected(client, self._setup(client))
+                    self.disconnected.clear()
                     self.connected.set()
                     self._first_attempt_done.set()
                     if self._down_since is not None:
@@ -896,6 +899,7 @@ class Connection:
             finally:
                 if self.connected.is_set():
                     self.counters.disconnects += 1
+                    self.disconnected.set()
                 self.connected.clear()
                 self._client = None
                 if self._path is not None:

@@ -195,6 +195,12 @@ class Topics:
     def all_task_events(self) -> str:
         return f"{self.prefix}/tasks/events/+"
 
+    def all_orchestrator_status(self) -> str:
+        return f"{self.prefix}/orchestrators/+/status"
+
+    def all_orchestrator_alarms(self) -> str:
+        return f"{self.prefix}/orchestrators/+/alarm"
+
     # -- parsing --------------------------------------------------------------------------------------
     def parse(self, topic: str) -> ParsedTopic:
         """Classify a received topic; raise :class:`TopicError` for anything outside the contract."""

@@ -26,10 +26,10 @@ from typing import Any
 
 import pytest
 
-from edgecoop.connection import Connection
+from edgecoop.connection import BrokerSettings, Connection
 from edgecoop.dashboard import Dashboard, DashboardState, parse_task_event
 from edgecoop.errors import SchemaError
-from edgecoop.messages import Reading
+from edgecoop.messages import Reading, Status
 from edgecoop.wire import encode
 
 REPO = Path(__file__).resolve().parent.parent
@@ -172,9 +172,57 @@ def test_state_is_bounded_and_task_events_merge():
     assert state.tasks["t4"]["state"] == "done", "a finished task never goes back to in flight"
     assert [name for name, _ in events] == ["task"], "a finished task is counted in the split once"
     assert state.split_json() == {
-        "minutes": [{"t": 600, "edge": 0, "cloud": 1, "none": 0}],
-        "totals": {"edge": 0, "cloud": 1, "none": 0},
+        "minutes": [{"t": 600, "edge": 0, "cloud": 1, "none": 0, "failed": 0}],
+        "totals": {"edge": 0, "cloud": 1, "none": 0, "failed": 0},
+        "comparison": {"edge": 0, "cloud": 0, "none": 0, "failed": 0},
     }
+
+
+def test_failed_tasks_count_as_failed_and_baseline_runs_are_kept_apart():
+    """A failed edge task is not "answered at the edge"; the demo's cloud-only baseline is not live traffic."""
+    state = DashboardState()
+    finished = [
+        ("t-edge", "done", "edge"),
+        ("t-failed-at-edge", "failed", "edge"),  # what the orchestrator sends when every edge agent failed
+        ("t-timed-out", "timed_out", "none"),
+        ("t-refused", "done", "none"),  # refused or asked back by the orchestrator itself
+        ("baseline-1", "done", "cloud"),  # the demo's comparison run
+        ("bench-7", "failed", "cloud"),
+    ]
+    for task_id, final, tier in finished:
+        state.apply_task_event(parse_task_event({"type": "task_event", "task_id": task_id, "state": "received",
+                                                 "ts": 1, "strategy": "cloud-only"}, task_id))  # fmt: skip
+        state.apply_task_event(
+            parse_task_event(
+                {"type": "task_event", "task_id": task_id, "state": final, "ts": 2, "tier": tier}, task_id
+            ),
+            now=600,
+        )
+    split = state.split_json()
+    assert split["totals"] == {"edge": 1, "cloud": 0, "none": 1, "failed": 2}
+    assert split["minutes"] == [{"t": 600, "edge": 1, "cloud": 0, "none": 1, "failed": 2}]
+    assert split["comparison"] == {"edge": 0, "cloud": 1, "none": 0, "failed": 1}
+    assert [t for t, rec in state.tasks.items() if rec["comparison"]] == ["baseline-1", "bench-7"]
+    assert state.tasks["baseline-1"]["strategy"] == "cloud-only"
+
+
+def test_orchestrator_status_and_alarm_are_kept():
+    state = DashboardState()
+    state.apply_orchestrator_status("orch", {"agent_id": "orch", "state": "online", "epoch": 3, "ts": 5.0})
+    assert state.apply_orchestrator_status("orch", {"agent_id": "orch", "state": "offline", "epoch": 2}) == []
+    [(name, data)] = state.apply_orchestrator_alarm("orch", {
+        "v": 1, "type": "alarm", "alarm": "broker_dropped", "active": True, "dropped": 30, "dropped_total": 30,
+        "since": 7.0, "ts": 8.0, "suspects": [{"agent_id": "cam-01", "outstanding": 12}, "junk"], "extra": "x",
+    })  # fmt: skip
+    assert name == "orchestrator" and data["online"] is True
+    assert data["alarm"] == {"alarm": "broker_dropped", "active": True, "dropped": 30, "dropped_total": 30,
+                             "since": 7.0, "ts": 8.0, "suspects": [{"agent_id": "cam-01", "outstanding": 12}]}  # fmt: skip
+    with pytest.raises(SchemaError):
+        state.apply_orchestrator_alarm("orch", {"type": "alarm", "active": "yes"})
+    with pytest.raises(SchemaError):
+        state.apply_orchestrator_status("orch", {"agent_id": "other", "state": "online", "epoch": 9})
+    assert state.snapshot()["orchestrators"] == [data]
+    assert state.apply_orchestrator_status("orch", None) == [("orchestrator_removed", {"id": "orch"})]
 
 
 @pytest.mark.parametrize(
@@ -318,7 +366,7 @@ async def test_api_state_has_agents_readings_tasks_and_counts_bad_payloads(dashb
     assert [h["state"] for h in task["history"]] == [s for s, _ in LIFECYCLE]
     assert task["plan"] == PLAN and [s["agent"] for s in task["steps"]] == ["cam-central", "air-market"]
     assert task["classification"]["cooperation"] == ["data", "computation"]
-    assert state["split"]["totals"] == {"edge": 1, "cloud": 0, "none": 0}
+    assert state["split"]["totals"] == {"edge": 1, "cloud": 0, "none": 0, "failed": 0}
     assert state["server"]["bad_payload"] == 6
 
 
@@ -337,6 +385,43 @@ async def read_sse_event(reader: asyncio.StreamReader, name: str, match=lambda d
             data: dict[str, Any] = json.loads(fields["data"]) if "data" in fields else {}
             if fields.get("event") == name and match(data):
                 return data
+
+
+def alarm(active: bool, dropped: int = 30) -> bytes:
+    return encode({"v": 1, "type": "alarm", "alarm": "broker_dropped", "source": "orch", "active": active,
+                   "dropped": dropped, "dropped_total": dropped, "since": time.time() - 5, "ts": time.time(),
+                   "suspects": [{"agent_id": "cam-central", "outstanding": 12}] if active else []})  # fmt: skip
+
+
+async def test_orchestrator_status_and_alarms_reach_the_api(dashboard, publisher, topics):
+    online = encode(Status("orch", True, 5).to_dict())
+    await publisher.publish(topics.orchestrator_status("orch"), online, qos=1, retain=True)
+    await publisher.publish(topics.orchestrator_alarm("orch"), alarm(True), qos=1, retain=True)
+    state = await wait_state(dashboard.port, lambda s: s["orchestrators"] and s["orchestrators"][0]["alarm"])
+    [orch] = state["orchestrators"]
+    assert (orch["id"], orch["online"], orch["alarm"]["active"], orch["alarm"]["dropped"]) == ("orch", True, True, 30)
+    # its Last Will, then the alarm cleared
+    await publisher.publish(topics.orchestrator_status("orch"), encode(Status("orch", False, 5).to_dict()), retain=True)
+    await publisher.publish(topics.orchestrator_alarm("orch"), alarm(False), qos=1, retain=True)
+    state = await wait_state(dashboard.port, lambda s: s["orchestrators"][0]["alarm"]["active"] is False)
+    assert state["orchestrators"][0]["online"] is False
+    for topic in (topics.orchestrator_status("orch"), topics.orchestrator_alarm("orch")):
+        await publisher.publish(topic, b"", qos=1, retain=True)
+
+
+async def test_broker_loss_and_return_are_in_the_state(private_broker, topics):
+    settings = BrokerSettings(port=private_broker.port, keepalive=5)
+    async with Dashboard(settings, topics, port=0) as dash:
+        assert (await api_state(dash.port))["broker"]["connected"] is True
+        private_broker.stop()
+        async with asyncio.timeout(10):
+            await dash.conn.disconnected.wait()
+        state = await wait_state(dash.port, lambda s: not s["broker"]["connected"])
+        assert state["broker"]["url"] == settings.url and state["broker"]["since"] > 0
+        private_broker.start()
+        async with asyncio.timeout(20):  # the reconnect backoff is capped at ~8 s
+            await dash.conn.connected.wait()
+        await wait_state(dash.port, lambda s: s["broker"]["connected"])
 
 
 async def test_sse_streams_a_snapshot_then_changes(dashboard, publisher, topics):
@@ -550,12 +635,26 @@ async def test_dashboard_in_headless_chromium(dashboard, make_agent, publisher, 
                 {"agent": "cloud-gw", "capability": "chat", "tier": "cloud"}]}}),
             ("step_done", {"step": {"agent": "slm-pi4", "capability": "summarize", "tier": "edge", "ms": 310.0, "ok": True}}),
         ])  # fmt: skip
+        # a failed task (it tried the edge), the demo's cloud-only baseline run, an orchestrator in overload
+        await publish_lifecycle(publisher, topics, "t-3", [
+            ("received", {"question": "How many buses are late at the market?"}),
+            ("failed", {"tier": "edge", "latency_ms": 5000.0}),
+        ])  # fmt: skip
+        await publish_lifecycle(publisher, topics, "baseline-1", [
+            ("received", {"question": "How busy is the central station, and is the air ok?", "strategy": "cloud-only"}),
+            ("done", {"answer": "Probably busy (a guess).", "tier": "cloud", "latency_ms": 900.0, "cost": 0.002}),
+        ])  # fmt: skip
+        await publisher.publish(topics.orchestrator_status("orchestrator"),
+                                encode(Status("orchestrator", True, 1).to_dict()), qos=1, retain=True)  # fmt: skip
+        await publisher.publish(topics.orchestrator_alarm("orchestrator"), alarm(True), qos=1, retain=True)
         await wait_state(
             dashboard.port,
             lambda s: (
                 len(s["agents"]) == 3
-                and len(s["tasks"]) == 2
+                and len(s["tasks"]) == 4
                 and [len(x["points"]) for x in s["sensors"]] == [120, 120]
+                and s["orchestrators"]
+                and s["orchestrators"][0]["alarm"]
             ),
         )
 
@@ -580,6 +679,12 @@ async def test_dashboard_in_headless_chromium(dashboard, make_agent, publisher, 
                     inflight: [...document.querySelectorAll('#tasks-inflight [data-task-id]')].map(t => t.dataset.taskId),
                     sensors: [...document.querySelectorAll('[data-sensor]')].map(s => [s.dataset.sensor, s.querySelector('polyline').getAttribute('points').split(' ').length]),
                     split: document.getElementById('split').textContent,
+                    summary: document.getElementById('summary').textContent,
+                    done: [...document.querySelectorAll('#tasks-done [data-task-id]')].map(t => t.dataset.taskId),
+                    comparison: [...document.querySelectorAll('#tasks-comparison [data-task-id]')].map(t => [t.dataset.taskId, t.textContent.includes('baseline run')]),
+                    comparisonHidden: document.getElementById('comparison-section').hidden,
+                    orchestrators: [...document.querySelectorAll('[data-orchestrator-id]')].map(o => [o.dataset.orchestratorId, o.dataset.online, o.dataset.alarm, o.textContent]),
+                    conn: document.getElementById('conn').textContent,
                     html: document.documentElement.outerHTML,
                   };
                 })()""",
@@ -602,7 +707,60 @@ async def test_dashboard_in_headless_chromium(dashboard, make_agent, publisher, 
     assert dom["timeline"] == ["received", "planned", "step done", "step done", "done"]
     assert dom["inflight"] == ["t-2"]
     assert sorted(dom["sensors"]) == [["pm25", 120], ["temp", 120]]
-    assert "edge 1 (50 %)" in dom["split"] and "cloud 1 (50 %)" in dom["split"]
+    # the failed task counts as failed; the baseline run is listed apart and counted nowhere else
+    assert "edge 1 (33 %)" in dom["split"] and "cloud 1 (33 %)" in dom["split"] and "failed 1 (33 %)" in dom["split"]
+    assert "not counted: 1 baseline run" in dom["split"]
+    assert dom["summary"] == "3 agents · 4 tasks · 1 answered at the edge, 1 in the cloud, 1 failed", dom["summary"]
+    assert sorted(dom["done"]) == ["t-0", "t-1", "t-3"] and dom["comparison"] == [["baseline-1", True]]
+    assert dom["comparisonHidden"] is False
+    [(orch_id, orch_online, orch_alarm, orch_text)] = dom["orchestrators"]
+    assert (orch_id, orch_online, orch_alarm) == ("orchestrator", "online", "true")
+    assert (
+        "degraded" in orch_text and "dropped 30 messages" in orch_text and "cam-central (12 outstanding)" in orch_text
+    )
+    assert dom["conn"] == "live"
     assert "<script>" not in dom["html"] and "https://" not in dom["html"], (
         "offline page: no inline or external scripts"
     )
+
+
+@pytest.mark.browser
+async def test_broker_loss_turns_the_live_badge_off_in_headless_chromium(private_broker, topics, tmp_path):
+    """With the broker down the page says so, and no agent is shown as online or offline; back when it is back."""
+    exe = find_chromium()
+    settings = BrokerSettings(port=private_broker.port, keepalive=5)
+    from edgecoop.agents import Agent
+    from tests.conftest import agent_config
+
+    async with Dashboard(settings, topics, port=0) as dash, Agent(agent_config("cam-central", settings, topics)):
+        await wait_state(dash.port, lambda s: [a["online"] for a in s["agents"]] == [True])
+        browser = await asyncio.to_thread(Chromium, exe, tmp_path / "profile")
+        try:
+            await asyncio.to_thread(browser.open, dash.url + "/")
+            await asyncio.to_thread(browser.wait_for, "document.getElementById('conn').dataset.state === 'live'")
+            await asyncio.to_thread(
+                browser.wait_for, "document.getElementById('agents-count').textContent === '1 online / 1'"
+            )
+            private_broker.stop()
+            await asyncio.to_thread(browser.wait_for, "document.getElementById('conn').dataset.state === 'broker-down'")
+            down = await asyncio.to_thread(
+                browser.evaluate,
+                """({
+                conn: document.getElementById('conn').textContent,
+                count: document.getElementById('agents-count').textContent,
+                agent: document.querySelector('[data-agent-id="cam-central"]').dataset.online,
+                badge: document.querySelector('[data-agent-id="cam-central"] .badge').textContent,
+            })""",
+            )
+            private_broker.start()
+            await asyncio.to_thread(browser.wait_for, "document.getElementById('conn').dataset.state === 'live'", 20)
+            await asyncio.to_thread(browser.wait_for,
+                                    "document.querySelector('[data-agent-id=\"cam-central\"]').dataset.online === 'true'",
+                                    20)  # fmt: skip
+            assert browser.exceptions == [], f"JavaScript errors on the page: {browser.exceptions}"
+        finally:
+            await asyncio.to_thread(browser.close)
+    assert down["conn"].startswith("broker down since ")
+    # (how many were online when last seen depends on whether the stopping broker delivered the agent's will first)
+    assert down["count"].startswith("broker unreachable: 1 known, online status unknown ("), down["count"]
+    assert (down["agent"], down["badge"]) == ("unknown", "unknown")

@@ -6,7 +6,7 @@ Routes (GET and HEAD only; every response closes its connection)::
     /static/<name>     one of the files of static/ (a fixed map built at start: no filesystem lookups per request)
     /api/state         JSON snapshot of the whole state
     /events            Server-Sent Events: ``snapshot`` first, then ``agent``, ``agent_removed``, ``task``,
-                       ``reading`` and ``split`` changes
+                       ``reading``, ``split``, ``orchestrator``, ``orchestrator_removed`` and ``broker`` changes
 
 Drop policies: each SSE client has a queue of ``sse_queue_size`` events; a client that lets it fill up (or whose
 socket does not drain within ``drain_timeout`` seconds) is disconnected and counted in ``sse_dropped`` - the
@@ -151,6 +151,8 @@ class Dashboard:
                 (self.topics.all_status(), 1),
                 (self.topics.all_data(), 0),
                 (self.topics.all_task_events(), 1),
+                (self.topics.all_orchestrator_status(), 1),
+                (self.topics.all_orchestrator_alarms(), 1),
             ],
             handler=self._on_message,
             clean_start=True,
@@ -173,6 +175,9 @@ class Dashboard:
             self._server = await asyncio.start_server(self._on_client, self.host, self._requested_port, limit=_MAX_HEAD)
             self.port = int(self._server.sockets[0].getsockname()[1])
             await self._stack.enter_async_context(self.conn)
+            self.state.set_broker(True, self.conn.settings.url)
+            watcher = self._tg.create_task(self._watch_broker(), name=f"dashboard[{self.port}].broker")
+            self._stack.callback(watcher.cancel)  # first on exit: closing the connection is no broker loss
         except BaseException:
             await self._stack.aclose()
             self._lifecycle = State.CLOSED
@@ -199,6 +204,16 @@ class Dashboard:
 
     async def serve_forever(self) -> None:
         await asyncio.Event().wait()
+
+    async def _watch_broker(self) -> None:
+        """Tell the page when the broker connection goes down and comes back (the page's "live" badge follows)."""
+        url = self.conn.settings.url
+        while True:
+            await self.conn.connected.wait()
+            self.broadcast(self.state.set_broker(True, url))
+            await self.conn.disconnected.wait()
+            log.warning("dashboard: broker %s lost; the page shows it as down until it is back", url)
+            self.broadcast(self.state.set_broker(False, url))
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -230,6 +245,10 @@ class Dashboard:
                     events = self.state.apply_reading(parsed.owner, parsed.name, data)
                 case Kind.TASK_EVENT if data is not None:
                     events = self.state.apply_task_event(parse_task_event(data, parsed.owner))
+                case Kind.ORCHESTRATOR_STATUS:
+                    events = self.state.apply_orchestrator_status(parsed.owner, data)
+                case Kind.ORCHESTRATOR_ALARM:
+                    events = self.state.apply_orchestrator_alarm(parsed.owner, data)
                 case Kind.DATA | Kind.TASK_EVENT:
                     raise WireError("empty payload")
                 case _:

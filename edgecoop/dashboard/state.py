@@ -8,7 +8,14 @@ All containers are bounded, each with a stated drop policy:
 * tasks: the last ``max_tasks`` (oldest evicted first);
 * sensors: at most ``max_series`` series (new series beyond it are refused and counted), each keeping its last
   ``readings_per_sensor`` readings;
-* edge/cloud split: per-minute buckets of the last ``split_minutes`` minutes.
+* edge/cloud split: per-minute buckets of the last ``split_minutes`` minutes;
+* orchestrators: at most ``max_orchestrators`` (status and overload alarm each).
+
+What the numbers mean, so that the page never flatters: a finished task counts under ``edge`` or ``cloud`` only
+when it is ``done`` there; ``failed`` and ``timed_out`` count as ``failed`` whatever tier they tried; a task done
+with no tier (the orchestrator refused it or asked back) counts as ``none``. Comparison runs (task ids starting
+with ``baseline-`` or ``bench-``: the demo's cloud-only baseline, benchmarks) are kept apart: marked
+``comparison``, counted in ``comparison`` and never in the split or its totals.
 
 Untrusted text (card descriptions, questions, answers) is kept as data and length-capped; the page renders it
 with ``textContent`` only.
@@ -27,12 +34,30 @@ from edgecoop.errors import SchemaError, TopicError
 from edgecoop.messages import CapabilityCard, Reading, Status
 from edgecoop.topics import validate_id
 
-__all__ = ["TASK_STATES", "TERMINAL_STATES", "TIERS", "DashboardState", "Event", "parse_task_event"]
+__all__ = [
+    "BASELINE_TASK_PREFIX",
+    "COMPARISON_PREFIXES",
+    "OUTCOMES",
+    "TASK_STATES",
+    "TERMINAL_STATES",
+    "TIERS",
+    "DashboardState",
+    "Event",
+    "is_comparison",
+    "parse_task_event",
+]
 
 #: Every state a task event may carry, in lifecycle order.
 TASK_STATES = ("received", "classified", "planned", "step_done", "escalated", "done", "failed", "timed_out")
 TERMINAL_STATES = frozenset({"done", "failed", "timed_out"})
 TIERS = ("edge", "cloud", "none")
+#: how a finished task counts: done at the edge, done in the cloud, done with no tier (refused, asked back), failed
+OUTCOMES = ("edge", "cloud", "none", "failed")
+#: the task id prefix of a baseline run (the demo's cloud-only comparison)
+BASELINE_TASK_PREFIX = "baseline-"
+#: task ids of comparison runs (a baseline, a benchmark): shown apart, never counted as live traffic
+COMPARISON_PREFIXES = (BASELINE_TASK_PREFIX, "bench-")
+_MAX_ORCHESTRATORS = 64
 _SHAPES = ("single", "sequential", "parallel", "cloud")
 _MAX_TEXT = 500
 _MAX_ANSWER = 4000
@@ -54,6 +79,17 @@ def _number(value: object) -> float | None:
         return None
     f = float(value)
     return f if math.isfinite(f) else None
+
+
+def is_comparison(task_id: str) -> bool:
+    """A comparison run (the demo's cloud-only baseline, a benchmark), by its task id's prefix."""
+    return task_id.startswith(COMPARISON_PREFIXES)
+
+
+def _outcome(state: str, tier: str) -> str:
+    if state != "done":
+        return "failed"
+    return tier if tier in ("edge", "cloud") else "none"
 
 
 def _tier(value: object) -> str:
@@ -131,6 +167,8 @@ def parse_task_event(d: Mapping[str, Any], topic_task_id: str) -> dict[str, Any]
         event["answer"] = _text(d["answer"], _MAX_ANSWER)
     if tier := _tier(d.get("tier")):
         event["tier"] = tier
+    if isinstance(d.get("strategy"), str):
+        event["strategy"] = _text(d["strategy"], 32)
     for key in ("latency_ms", "cost"):
         if (n := _number(d.get(key))) is not None:
             event[key] = n
@@ -180,10 +218,16 @@ class DashboardState:
     agents: dict[str, _Agent] = field(default_factory=dict)
     tasks: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
     series: dict[tuple[str, str], _Series] = field(default_factory=dict)
-    #: minute (epoch seconds // 60) -> counts per tier of tasks that finished in that minute
+    #: minute (epoch seconds // 60) -> counts per outcome of tasks that finished in that minute (not comparisons)
     split: OrderedDict[int, Counter[str]] = field(default_factory=OrderedDict)
     totals: Counter[str] = field(default_factory=Counter)
+    #: finished comparison runs (baseline, benchmark), by outcome: shown apart, never in the split
+    comparison: Counter[str] = field(default_factory=Counter)
     counters: Counter[str] = field(default_factory=Counter)
+    #: orchestrator id -> {"id", "online", "epoch", "status_ts", "alarm"}
+    orchestrators: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the dashboard's own broker connection: without it, every other number here is stale
+    broker: dict[str, Any] = field(default_factory=lambda: {"connected": False, "since": 0.0, "url": ""})
 
     # -- agents -------------------------------------------------------------------------------------------
     def _agent(self, agent_id: str) -> _Agent | None:
@@ -275,6 +319,8 @@ class DashboardState:
                 "tier": "",
                 "latency_ms": None,
                 "cost": None,
+                "strategy": "",
+                "comparison": is_comparison(task_id),
             }
             self.tasks[task_id] = task
             while len(self.tasks) > self.max_tasks:
@@ -287,14 +333,18 @@ class DashboardState:
         task["updated"] = max(task["updated"], event["ts"])
         if len(task["history"]) < _MAX_HISTORY:
             task["history"].append({"state": state, "ts": event["ts"]})
-        for key in ("question", "classification", "plan", "answer", "tier", "latency_ms", "cost"):
+        for key in ("question", "classification", "plan", "answer", "tier", "latency_ms", "cost", "strategy"):
             if key in event:
                 task[key] = event[key]
         if "step" in event and len(task["steps"]) < _MAX_STEPS:
             task["steps"].append(event["step"])
         events: list[Event] = [("task", task)]
         if state in TERMINAL_STATES and not finished_before:
-            tier = task["tier"] or ("none" if state != "done" else "edge")
+            outcome = _outcome(state, task["tier"])
+            if task["comparison"]:
+                self.comparison[outcome] += 1
+                events.append(("split", self.split_json()))
+                return events
             minute = int((now if now is not None else time.time()) // 60)
             bucket = self.split.get(minute)
             if bucket is None:
@@ -302,16 +352,81 @@ class DashboardState:
                 for old in [m for m in self.split if m <= minute - self.split_minutes]:
                     del self.split[old]
                 self.split = OrderedDict(sorted(self.split.items()))  # a clock step back must not reorder
-            bucket[tier] += 1
-            self.totals[tier] += 1
+            bucket[outcome] += 1
+            self.totals[outcome] += 1
             events.append(("split", self.split_json()))
         return events
 
     def split_json(self) -> dict[str, Any]:
         return {
-            "minutes": [{"t": m * 60, **{t: c[t] for t in TIERS}} for m, c in self.split.items()],
-            "totals": {t: self.totals[t] for t in TIERS},
+            "minutes": [{"t": m * 60, **{o: c[o] for o in OUTCOMES}} for m, c in self.split.items()],
+            "totals": {o: self.totals[o] for o in OUTCOMES},
+            "comparison": {o: self.comparison[o] for o in OUTCOMES},
         }
+
+    # -- orchestrators and the broker ---------------------------------------------------------------------
+    def _orchestrator(self, orchestrator_id: str) -> dict[str, Any] | None:
+        orch = self.orchestrators.get(orchestrator_id)
+        if orch is None:
+            if len(self.orchestrators) >= _MAX_ORCHESTRATORS:
+                self.counters["orchestrators_refused"] += 1
+                return None
+            orch = self.orchestrators[orchestrator_id] = {
+                "id": orchestrator_id, "online": None, "epoch": 0, "status_ts": 0.0, "alarm": None,
+            }  # fmt: skip
+        return orch
+
+    def apply_orchestrator_status(self, orchestrator_id: str, data: Mapping[str, Any] | None) -> list[Event]:
+        """The retained online/offline of an orchestrator (its Last Will says offline); empty = cleared."""
+        if data is None:
+            if self.orchestrators.pop(orchestrator_id, None) is None:
+                return []
+            return [("orchestrator_removed", {"id": orchestrator_id})]
+        status = Status.from_dict(data)
+        if status.agent_id != orchestrator_id:
+            raise SchemaError(f"orchestrator status: id {status.agent_id!r} does not match its topic")
+        orch = self.orchestrators.get(orchestrator_id)
+        if orch is not None and status.epoch < orch["epoch"]:
+            self.counters["stale_status"] += 1  # an older connection's will after the newer birth
+            return []
+        orch = orch or self._orchestrator(orchestrator_id)
+        if orch is None:
+            return []
+        orch.update(online=status.online, epoch=status.epoch, status_ts=status.ts)
+        return [("orchestrator", orch)]
+
+    def apply_orchestrator_alarm(self, orchestrator_id: str, data: Mapping[str, Any] | None) -> list[Event]:
+        """The retained overload alarm (``active`` or cleared) an orchestrator publishes (docs/reliability.md)."""
+        orch = self._orchestrator(orchestrator_id)
+        if orch is None:
+            return []
+        if data is None:
+            orch["alarm"] = None
+            return [("orchestrator", orch)]
+        if data.get("type") != "alarm" or not isinstance(data.get("active"), bool):
+            raise SchemaError("alarm: expected type 'alarm' and a boolean 'active'")
+        suspects = data.get("suspects")
+        alarm: dict[str, Any] = {
+            "alarm": _text(data.get("alarm"), 64) or "alarm",
+            "active": data["active"],
+            "suspects": [
+                {"agent_id": _text(x.get("agent_id"), 64), "outstanding": _number(x.get("outstanding"))}
+                for x in (suspects[:5] if isinstance(suspects, list) else [])
+                if isinstance(x, Mapping)
+            ],
+        }
+        for key in ("dropped", "dropped_total", "since", "ts"):
+            if (n := _number(data.get(key))) is not None:
+                alarm[key] = n
+        orch["alarm"] = alarm
+        return [("orchestrator", orch)]
+
+    def set_broker(self, connected: bool, url: str, now: float | None = None) -> list[Event]:
+        """The dashboard's own broker connection went up or down: while down, nothing on the page is live."""
+        if connected == self.broker["connected"] and url == self.broker["url"]:
+            return []
+        self.broker = {"connected": connected, "since": now if now is not None else time.time(), "url": url}
+        return [("broker", dict(self.broker))]
 
     # -- snapshot -----------------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -323,4 +438,6 @@ class DashboardState:
             "sensors": [s.to_json() for s in self.series.values()],
             "split": self.split_json(),
             "counters": dict(self.counters),
+            "orchestrators": [self.orchestrators[k] for k in sorted(self.orchestrators)],
+            "broker": dict(self.broker),
         }

@@ -8,12 +8,20 @@ const MAX_DONE_SHOWN = 40;
 const SPLIT_MINUTES = 30;
 const SVG_NS = "http://www.w3.org/2000/svg";
 
+// How a finished task counts (see state.py): done at the edge, done in the cloud, done with no tier (the
+// orchestrator refused or asked back), failed (failed or timed out, whatever tier it tried).
+const OUTCOMES = ["edge", "cloud", "none", "failed"];
+const OUTCOME_LABELS = { edge: "edge", cloud: "cloud", none: "refused / asked back", failed: "failed" };
+
 const model = {
   prefix: "",
   agents: new Map(),   // id -> agent record
-  tasks: new Map(),    // task_id -> task record
+  tasks: new Map(),    // task_id -> task record (comparison runs are marked: task.comparison)
   sensors: new Map(),  // "agent/sensor" -> {agent, sensor, unit, points: [[ts, value], ...]}
-  split: { minutes: [], totals: { edge: 0, cloud: 0, none: 0 } },
+  orchestrators: new Map(), // id -> {id, online, epoch, status_ts, alarm}
+  split: { minutes: [], totals: { edge: 0, cloud: 0, none: 0, failed: 0 }, comparison: {} },
+  broker: { connected: false, since: 0, url: "" }, // the dashboard's own broker connection
+  streamOpen: false,   // our event stream from the dashboard
   maxPoints: 120,
 };
 
@@ -72,6 +80,8 @@ function applySnapshot(snap) {
   model.tasks = new Map((snap.tasks || []).map((t) => [t.task_id, t]));
   model.sensors = new Map((snap.sensors || []).map((s) => [`${s.agent}/${s.sensor}`, s]));
   model.split = snap.split || model.split;
+  model.orchestrators = new Map((snap.orchestrators || []).map((o) => [o.id, o]));
+  model.broker = snap.broker || model.broker;
   schedule();
 }
 
@@ -95,6 +105,9 @@ const handlers = {
     schedule();
   },
   split: (s) => { model.split = s; schedule(); },
+  orchestrator: (o) => { model.orchestrators.set(o.id, o); schedule(); },
+  orchestrator_removed: (o) => { model.orchestrators.delete(o.id); schedule(); },
+  broker: (b) => { model.broker = b; schedule(); },
 };
 
 let renderPending = false;
@@ -107,7 +120,8 @@ function schedule() {
 // -- agents ---------------------------------------------------------------------------------------------------
 function renderAgent(a) {
   const card = a.card || {};
-  const online = a.online === true ? "online" : a.online === false ? "offline" : "unknown";
+  // without the broker, nobody can tell who is online: the last known state is not shown as current
+  const online = !model.broker.connected ? "unknown" : a.online === true ? "online" : a.online === false ? "offline" : "unknown";
   const hw = card.hardware || {};
   const load = card.load || {};
   const caps = (card.capabilities || []).map((c) =>
@@ -126,7 +140,7 @@ function renderAgent(a) {
   const queued = (load.queue || 0) + (load.inflight || 0);
   const bar = el("span", { class: load.busy ? "busy" : "" });
   bar.style.width = `${Math.min(100, queued * 20)}%`; // CSSOM, not a style attribute: allowed by the CSP
-  return el("article", { class: "agent", "data-agent-id": a.id, "data-online": String(a.online) },
+  return el("article", { class: "agent", "data-agent-id": a.id, "data-online": model.broker.connected ? String(a.online) : "unknown" },
     el("header", {}, el("h3", { title: a.id }, a.id), el("span", { class: `badge ${online}` }, online)),
     card.description ? el("p", { class: "desc" }, truncate(card.description, 160)) : null,
     a.card ? null : el("p", { class: "facts" }, "no capability card yet"),
@@ -142,7 +156,43 @@ function renderAgents() {
     (y.online === true) - (x.online === true) || x.id.localeCompare(y.id));
   replaceChildren(document.getElementById("agents"), agents.map(renderAgent), "No agents yet.");
   const online = agents.filter((a) => a.online === true).length;
-  document.getElementById("agents-count").textContent = `${online} online / ${agents.length}`;
+  document.getElementById("agents-count").textContent = model.broker.connected
+    ? `${online} online / ${agents.length}`
+    : `broker unreachable: ${agents.length} known, online status unknown (${online} online when last seen)`;
+}
+
+// -- orchestrators: status and alarms ----------------------------------------------------------------------------
+function renderOrchestrator(o) {
+  const online = !model.broker.connected ? "unknown" : o.online === true ? "online" : o.online === false ? "offline" : "unknown";
+  const alarm = o.alarm;
+  let alarmNode = null;
+  if (alarm && alarm.active) {
+    const suspects = (alarm.suspects || []).map((x) => `${x.agent_id} (${fmt(x.outstanding, 0)} outstanding)`).join(", ");
+    alarmNode = el("p", { class: "alarm active" },
+      `overload (${alarm.alarm}): the broker dropped ${fmt(alarm.dropped, 0)} message${alarm.dropped === 1 ? "" : "s"}`,
+      alarm.since ? ` since ${clock(alarm.since)}` : "", suspects ? `; suspects: ${suspects}` : "",
+      ". Requests are re-sent until answered.");
+  } else if (alarm) {
+    alarmNode = el("p", { class: "alarm cleared" },
+      `last overload alarm cleared${alarm.ts ? ` at ${clock(alarm.ts)}` : ""} (${fmt(alarm.dropped_total, 0)} dropped in all)`);
+  }
+  return el("article", { class: "orchestrator", "data-orchestrator-id": o.id, "data-online": online,
+    "data-alarm": alarm ? String(alarm.active) : "none" },
+  el("header", {}, el("h3", { title: o.id }, o.id), el("span", { class: `badge ${online}` }, online),
+    alarm && alarm.active ? el("span", { class: "badge alarm" }, "degraded") : null),
+  o.online === false && model.broker.connected ? el("p", { class: "facts" },
+    `offline since ${clock(o.status_ts)}: tasks submitted now wait for it`) : null,
+  alarmNode);
+}
+
+function renderOrchestrators() {
+  const list = [...model.orchestrators.values()].sort((x, y) => x.id.localeCompare(y.id));
+  replaceChildren(document.getElementById("orchestrators"), list.map(renderOrchestrator),
+    "No orchestrator has connected: tasks are not being answered.");
+  const online = list.filter((o) => o.online === true).length;
+  const alarms = list.filter((o) => o.alarm && o.alarm.active).length;
+  document.getElementById("orchestrators-count").textContent = list.length
+    ? `${online} online${alarms ? ` · ${alarms} alarm${alarms === 1 ? "" : "s"}` : ""}` : "";
 }
 
 // -- tasks and their cooperation graph ---------------------------------------------------------------------------
@@ -227,14 +277,20 @@ function renderTask(t) {
   ].filter(Boolean).join(" · ") : "";
   const shape = t.plan ? `${t.plan.shape} plan, ${t.plan.steps.length} step${t.plan.steps.length === 1 ? "" : "s"}` : "";
   const t0 = t.started;
-  return el("article", { class: "task", "data-task-id": t.task_id, "data-state": t.state, "data-tier": t.tier || null },
+  return el("article", { class: "task", "data-task-id": t.task_id, "data-state": t.state, "data-tier": t.tier || null,
+    "data-comparison": t.comparison ? "true" : null },
     el("header", {},
+      t.comparison ? el("span", { class: "comparison", title: "a comparison run (baseline or benchmark): not live traffic, not counted" }, "baseline run") : null,
       el("span", { class: "state" }, t.state.replace("_", " ")),
-      t.tier ? el("span", { class: `tier tier-${t.tier}` }, t.tier) : null,
+      // a failed task "tried" a tier: it was not answered there
+      t.tier ? (t.state === "failed" || t.state === "timed_out"
+        ? el("span", { class: "tier tier-none" }, `tried ${t.tier}`)
+        : el("span", { class: `tier tier-${t.tier}` }, t.tier)) : null,
       (t.history || []).some((h) => h.state === "escalated") ? el("span", { class: "escalated" }, "escalated") : null,
       t.latency_ms != null ? el("span", {}, `${fmt(t.latency_ms, 0)} ms`) : null,
       t.cost != null ? el("span", {}, `cost ${fmt(t.cost, 4)}`) : null,
       shape ? el("span", {}, shape) : null,
+      t.strategy ? el("span", { class: "strategy" }, `strategy ${t.strategy}`) : null,
       el("span", { class: "tid" }, t.task_id),
       el("time", {}, clock(t.updated))),
     el("p", { class: "question" }, t.question || "(no question text)"),
@@ -246,13 +302,21 @@ function renderTask(t) {
 }
 
 function renderTasks() {
-  const tasks = [...model.tasks.values()].sort((a, b) => b.started - a.started);
+  const all = [...model.tasks.values()].sort((a, b) => b.started - a.started);
+  const tasks = all.filter((t) => !t.comparison);
+  const comparison = all.filter((t) => t.comparison);
   const inflight = tasks.filter((t) => !TERMINAL.has(t.state));
   const done = tasks.filter((t) => TERMINAL.has(t.state));
+  const failed = done.filter((t) => t.state !== "done").length;
   graphCount = 0;
   replaceChildren(document.getElementById("tasks-inflight"), inflight.map(renderTask), "Nothing in flight.");
   replaceChildren(document.getElementById("tasks-done"), done.slice(0, MAX_DONE_SHOWN).map(renderTask), "No finished tasks yet.");
-  document.getElementById("tasks-count").textContent = `${inflight.length} in flight · ${done.length} finished`;
+  document.getElementById("tasks-count").textContent =
+    `${inflight.length} in flight · ${done.length} finished${failed ? ` (${failed} failed)` : ""}`;
+  const section = document.getElementById("comparison-section");
+  section.hidden = comparison.length === 0;
+  replaceChildren(document.getElementById("tasks-comparison"), comparison.slice(0, MAX_DONE_SHOWN).map(renderTask), "");
+  document.getElementById("comparison-count").textContent = String(comparison.length);
 }
 
 // -- edge/cloud split ------------------------------------------------------------------------------------------
@@ -261,9 +325,9 @@ function renderSplit() {
   const nowMinute = Math.floor(Date.now() / 60000) * 60;
   const last = Math.max(nowMinute, ...model.split.minutes.map((m) => m.t));
   const bars = [];
-  for (let i = SPLIT_MINUTES - 1; i >= 0; i--) bars.push(byMinute.get(last - i * 60) || { t: last - i * 60, edge: 0, cloud: 0, none: 0 });
+  for (let i = SPLIT_MINUTES - 1; i >= 0; i--) bars.push(byMinute.get(last - i * 60) || { t: last - i * 60, edge: 0, cloud: 0, none: 0, failed: 0 });
   const W = 360, H = 130, left = 26, bottom = 18, top = 6;
-  const max = Math.max(1, ...bars.map((b) => b.edge + b.cloud + b.none));
+  const max = Math.max(1, ...bars.map((b) => OUTCOMES.reduce((n, o) => n + (b[o] || 0), 0)));
   const bw = (W - left) / bars.length;
   const scale = (H - bottom - top) / max;
   const root = svg("svg", { class: "split", width: "100%", viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "edge/cloud split per minute" },
@@ -274,21 +338,23 @@ function renderSplit() {
     svg("text", { x: W, y: H - 4, "text-anchor": "end" }, "now"));
   bars.forEach((b, i) => {
     let y = H - bottom;
-    for (const tier of ["edge", "cloud", "none"]) {
-      const h = b[tier] * scale;
+    for (const outcome of OUTCOMES) {
+      const h = (b[outcome] || 0) * scale;
       if (h <= 0) continue;
       y -= h;
-      root.appendChild(svg("rect", { class: `bar-${tier}`, x: left + i * bw + 1, y, width: Math.max(1, bw - 2), height: h },
-        svg("title", {}, `${clock(b.t)}: ${b[tier]} ${tier}`)));
+      root.appendChild(svg("rect", { class: `bar-${outcome}`, x: left + i * bw + 1, y, width: Math.max(1, bw - 2), height: h },
+        svg("title", {}, `${clock(b.t)}: ${b[outcome]} ${OUTCOME_LABELS[outcome]}`)));
     }
   });
   const totals = model.split.totals || {};
-  const sum = (totals.edge || 0) + (totals.cloud || 0) + (totals.none || 0);
+  const sum = OUTCOMES.reduce((n, o) => n + (totals[o] || 0), 0);
   const pct = (n) => (sum ? ` (${Math.round((100 * n) / sum)} %)` : "");
   const legend = el("div", { class: "split-legend" },
-    ["edge", "cloud", "none"].map((tier) => el("span", { "data-tier": tier },
-      el("span", { class: `swatch ${tier}` }), `${tier === "none" ? "failed" : tier} ${totals[tier] || 0}${pct(totals[tier] || 0)}`)));
-  document.getElementById("split").replaceChildren(root, legend);
+    OUTCOMES.filter((o) => o !== "none" || totals.none).map((o) => el("span", { "data-outcome": o },
+      el("span", { class: `swatch ${o}` }), `${OUTCOME_LABELS[o]} ${totals[o] || 0}${pct(totals[o] || 0)}`)));
+  const comparison = OUTCOMES.reduce((n, o) => n + ((model.split.comparison || {})[o] || 0), 0);
+  const note = comparison ? el("p", { class: "meta" }, `not counted: ${comparison} baseline run${comparison === 1 ? "" : "s"}`) : null;
+  document.getElementById("split").replaceChildren(root, legend, ...(note ? [note] : []));
 }
 
 // -- sensors --------------------------------------------------------------------------------------------------
@@ -322,26 +388,39 @@ function renderSensors() {
 // -- page ----------------------------------------------------------------------------------------------------
 function render() {
   document.getElementById("prefix").textContent = model.prefix;
+  renderConn();
   renderAgents();
+  renderOrchestrators();
   renderTasks();
   renderSplit();
   renderSensors();
   const totals = model.split.totals || {};
-  document.getElementById("summary").textContent =
-    `${model.agents.size} agents · ${model.tasks.size} tasks · ${totals.edge || 0} answered at the edge, ${totals.cloud || 0} in the cloud`;
+  const live = [...model.tasks.values()].filter((t) => !t.comparison).length;
+  const parts = [`${totals.edge || 0} answered at the edge`, `${totals.cloud || 0} in the cloud`];
+  if (totals.none) parts.push(`${totals.none} refused or asked back`);
+  parts.push(`${totals.failed || 0} failed`);
+  document.getElementById("summary").textContent = `${model.agents.size} agents · ${live} tasks · ${parts.join(", ")}`;
   document.body.dataset.rendered = "true";
 }
 
-function setConn(state, text) {
+// "live" only while both hold: our event stream from the dashboard, and the dashboard's connection to the broker
+function renderConn() {
   const conn = document.getElementById("conn");
+  let state = "live", text = "live";
+  if (!model.streamOpen) { state = "reconnecting"; text = "dashboard unreachable, reconnecting…"; }
+  else if (!model.broker.connected) {
+    state = "broker-down";
+    text = `broker down${model.broker.since ? ` since ${clock(model.broker.since)}` : ""}`;
+  }
   conn.dataset.state = state;
   conn.textContent = text;
+  conn.title = model.broker.url ? `broker ${model.broker.url}` : "";
 }
 
 function connect() {
   const source = new EventSource("/events");
-  source.onopen = () => setConn("live", "live");
-  source.onerror = () => setConn("reconnecting", "reconnecting…");
+  source.onopen = () => { model.streamOpen = true; schedule(); };
+  source.onerror = () => { model.streamOpen = false; renderConn(); };
   for (const [name, handler] of Object.entries(handlers)) {
     source.addEventListener(name, (ev) => {
       try { handler(JSON.parse(ev.data)); } catch (err) { console.error("bad event", name, err); }
