@@ -346,6 +346,7 @@ async def test_injected_text_changes_no_decision_with_the_slm_classifier_and_sum
 
 
 @pytest.mark.llm
+@pytest.mark.timeout(600)
 def test_the_model_parser_only_ever_names_known_vocabulary(smollm2, settings, topics, record_property):
     """Even with the payloads in the question itself (the user's own text), the grammar admits only operations,
     modalities and places of the live vocabulary. How often the parse moves is measured, not asserted."""

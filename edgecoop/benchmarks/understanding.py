@@ -188,13 +188,47 @@ async def grade(item: Mapping[str, Any], r: Mapping[str, Any], truth: Truth) -> 
     raise ValueError(f"unknown answer kind {kind!r}")
 
 
+def spec_route(spec: Any) -> str:
+    """The route a specification leads to before any agent is asked (for the parse-only comparison)."""
+    if spec.unknown or spec.ask:
+        return "refuse"
+    if spec.operation.value == "open":
+        return "cloud" if spec.general and not spec.personal and spec.confidence >= 0.6 else "refuse"
+    return "edge"
+
+
+def compare_parsers(items: list[dict[str, Any]], vocab: Any, parsers: Mapping[str, Any]) -> dict[str, Any]:
+    """Every parser configuration on the same questions and vocabulary: ops+slots exact, route, latency."""
+    out: dict[str, Any] = {}
+    for name, parse in parsers.items():
+        by_split: dict[str, Any] = {}
+        for split in ("dev", "test"):
+            rs = [it for it in items if it["split"] == split]
+            if not rs:
+                continue
+            exact = route = 0
+            times = []
+            for it in rs:
+                t0 = time.perf_counter()
+                spec = parse(it["question"], vocab)
+                times.append((time.perf_counter() - t0) * 1000)
+                r = spec_route(spec)
+                exact += ops_slots_exact(it, spec.to_dict(), r)
+                route += r == it["route"]
+            by_split[split] = {"n": len(rs), "ops_slots_exact": round(exact / len(rs), 4),
+                               "route": round(route / len(rs), 4), "p50_ms": round(statistics.median(times), 3),
+                               "p95_ms": round(_pct(times, 95), 3)}  # fmt: skip
+        out[name] = by_split
+    return out
+
+
 def _pct(values: list[float], p: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))] if s else 0.0
 
 
 async def run(*, splits: tuple[str, ...] = ("dev", "test"), concurrency: int = 4, model: bool = False,
-              limit: int | None = None) -> dict[str, Any]:  # fmt: skip
+              limit: int | None = None, compare: bool = False) -> dict[str, Any]:  # fmt: skip
     from edgecoop.agents import Agent
     from edgecoop.agents.config import CapabilitySpec, config_from_dict, load_agent_config
     from edgecoop.broker import MosquittoProcess
@@ -268,6 +302,9 @@ async def run(*, splits: tuple[str, ...] = ("dev", "test"), concurrency: int = 4
                 t0 = time.monotonic()
                 await asyncio.gather(*(one(it) for it in items))
                 out["wall_s"] = round(time.monotonic() - t0, 1)
+                if compare:
+                    vocab = await orch.engine.vocabulary()
+                    out["parsers"] = await asyncio.to_thread(_compare_all, items, vocab)
         finally:
             for a in agents:
                 await a.__aexit__(None, None, None)
@@ -294,10 +331,41 @@ async def run(*, splits: tuple[str, ...] = ("dev", "test"), concurrency: int = 4
     return out
 
 
+def _compare_all(items: list[dict[str, Any]], vocab: Any) -> dict[str, Any]:
+    """fast alone; fast with the model when unsure; the model on every question (SmolLM2-135M, grammar-bound)."""
+    from edgecoop.orchestrator import FastParser
+
+    fast = FastParser()
+    parsers: dict[str, Any] = {"fast": fast.parse}
+    try:
+        from edgecoop.models import resolve_model
+        from edgecoop.orchestrator.modelparser import ModelParser
+
+        model = ModelParser(str(resolve_model("smollm2-135m")))
+    except Exception as exc:  # the llm extra or the model is missing: the fast parser alone, and say so
+        return {"fast": compare_parsers(items, vocab, parsers)["fast"], "model_skipped": str(exc)}
+    try:
+
+        def fast_then_model(q: str, v: Any) -> Any:
+            spec = fast.parse(q, v)
+            return model.parse(q, v) if spec.confidence < 0.6 else spec
+
+        parsers["fast+model(smollm2-135m)"] = fast_then_model
+        parsers["model(smollm2-135m)"] = model.parse
+        return compare_parsers(items, vocab, parsers)
+    finally:
+        model.close()
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    import os
+    import platform
+
     splits = tuple(s for s in ("dev", "test") if getattr(args, "split", None) in (None, s))
+    quick = bool(getattr(args, "quick", False))
     result = asyncio.run(run(splits=splits, model=bool(getattr(args, "model_parser", False)),
-                             limit=10 if getattr(args, "quick", False) else None))  # fmt: skip
+                             limit=10 if quick else None, compare=not quick))  # fmt: skip
+    result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
     for split in splits:
         if split in result:
             r = result[split]

@@ -15,12 +15,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgecoop.cms.discovery import DiscoveryQuery, Match
 from edgecoop.cms.mirror import CmsMirror
 from edgecoop.cms.sites import SiteCosts
-from edgecoop.errors import AgentWentOffline, BrokerError, RequestError, StepFailed, TopicError
+from edgecoop.errors import AgentWentOffline, BrokerError, CloudBudgetExceeded, RequestError, StepFailed, TopicError
 from edgecoop.orchestrator.compose import Answer
 from edgecoop.orchestrator.operations import (
     MIN_SUPPORT_OPEN,
@@ -38,6 +38,9 @@ from edgecoop.orchestrator.vocabulary import Vocabulary
 from edgecoop.rpc import Requester
 from edgecoop.wire import encode
 from edgecoop.worker import Worker
+
+if TYPE_CHECKING:
+    from edgecoop.orchestrator.admission import CloudBudget
 
 __all__ = ["Engine", "StepFailed", "Submission", "TaskOutcome"]
 
@@ -137,6 +140,7 @@ class Engine:
         model_parser: Parser | None = None,
         sites: SiteCosts | None = None,
         policy: str | None = None,
+        cloud_budget: CloudBudget | None = None,
     ) -> None:
         self.mirror = mirror
         self.requester = requester
@@ -150,6 +154,8 @@ class Engine:
         self.vocab = Vocabulary()
         self._vocab_version = -1
         self._vocab_lock = asyncio.Lock()
+        #: the cloud gate (admission.py): concurrent cloud calls and spend per window; None = unlimited
+        self.cloud_budget = cloud_budget
 
     def close(self) -> None:
         if self._model_worker is not None:
@@ -165,18 +171,25 @@ class Engine:
                 self._vocab_version = version
         return self.vocab
 
-    async def understand(self, question: str, privacy: str | None = None) -> TaskSpec:
+    async def understand(self, question: str, privacy: str | None = None, *, fast: TaskSpec | None = None) -> TaskSpec:
+        """``fast``: the fast parser's spec when it was computed elsewhere (off the event loop: admission.py)."""
         vocab = await self.vocabulary()
-        spec = self.parser.parse(question, vocab, privacy=privacy)
+        spec = fast or self.parser.parse(question, vocab, privacy=privacy)
         if self.model_parser is not None and self._model_worker is not None and spec.confidence < MODEL_THRESHOLD:
             spec = await self._model_worker.run(self.model_parser.parse, question, vocab, privacy=privacy)
         return spec
 
     # -- the task -------------------------------------------------------------------------------------------
-    async def run(self, sub: Submission, strategy: Strategy, emit: Emit) -> TaskOutcome:
+    async def run(
+        self, sub: Submission, strategy: Strategy, emit: Emit, *, spec: TaskSpec | None = None, parse_ms: float = 0.0
+    ) -> TaskOutcome:
+        """``spec``: the task already understood (at admission, in ``parse_ms``); None = understand it here."""
         started = time.monotonic()
-        spec = await self.understand(sub.question, sub.privacy)
-        parse_ms = (time.monotonic() - started) * 1000
+        if spec is None:
+            spec = await self.understand(sub.question, sub.privacy)
+            parse_ms = (time.monotonic() - started) * 1000
+        else:
+            await self.vocabulary()
         privacy = privacy_of(spec, self.vocab, policy=strictest(self.policy, sub.privacy))
         run = _Run(sub, strategy, spec, privacy, started + sub.deadline_s, emit)
         await emit("classified", {"classification": spec.to_dict() | {"privacy": privacy}})
@@ -252,9 +265,15 @@ class Engine:
         if run.privacy != "public" or run.spec.operation is not Operation.OPEN:  # defence in depth
             raise StepFailed("refusing to send a non-public or world task to the cloud")
         plan = cloud_plan(run.sub.question)
-        await run.emit("escalated", {"reason": reason, "plan": self._describe(plan)})
+        gate = self.cloud_budget
         try:
-            results = await self._execute(run, plan)
+            if gate is not None:
+                gate.check()
+            await run.emit("escalated", {"reason": reason, "plan": self._describe(plan)})
+            async with gate.calls() if gate is not None else contextlib.nullcontext():
+                results = await self._execute(run, plan)
+        except CloudBudgetExceeded as exc:
+            return _refusal(f"I cannot answer this now: {exc}.", run.spec, run.privacy)
         except StepFailed as exc:
             why = f"{reason}; cloud failed: {exc}" if reason != "strategy" else f"cloud failed: {exc}"
             return TaskOutcome("failed", None, "cloud", run.spec, self._describe(plan), reason=why)
@@ -310,11 +329,20 @@ class Engine:
             if here:
                 return here
             everywhere = await self.mirror.discover(dataclasses.replace(q, online_only=False))
-            if any(m.card.get("location", {}).get("name") == step.place for m in everywhere):
-                return []  # its agent is away: wait for it (AGENT_GRACE_S), then "no online agent"
+            if any(m.card.get("location", {}).get("name") == step.place for m in everywhere) or self._served(step):
+                # its agent is away (offline, or its card gone with a broker restart without persistence):
+                # wait for it (AGENT_GRACE_S), then "no online agent"; never another place's data
+                return []
             kind = step.kind + (f" ({step.modality})" if step.modality else "")
             raise StepFailed(f"no agent at {step.place} offers {kind}")
         return found
+
+    def _served(self, step: Step) -> bool:
+        """Some agent at ``step.place`` has offered this kind of data (vocabulary outlives availability)."""
+        if step.kind == "camera":
+            return step.place in self.vocab.cameras
+        q = self.vocab.quantities.get(step.modality or "")
+        return q is not None and step.place in q.places
 
     async def _wait_for_change(self, seconds: float) -> None:
         """Wait until the CMS changes (an agent came back, a card arrived) or ``seconds`` pass."""
@@ -403,9 +431,12 @@ class Engine:
         if timeout <= 0:
             raise StepFailed("task deadline passed")
         tier = "cloud" if step.kind == "cloud" else "edge"
+        charged = 0.0
         if tier == "cloud":
             if run.privacy != "public" or run.spec.operation is not Operation.OPEN:  # never, whatever the plan says
                 raise StepFailed("refusing to send a non-public or world task to the cloud")
+            if self.cloud_budget is not None:  # before the request: a call beyond the budget is never sent
+                charged = self.cloud_budget.charge(m.agent_id, float(m.card.get("cost", {}).get("per_call", 0.0)))
             run.cloud_calls += 1
             run.cloud_bytes += len(encode(data))
         t0 = time.monotonic()
@@ -438,6 +469,8 @@ class Engine:
             result.setdefault("location", m.card.get("location", {}).get("name") or m.agent_id)
         if tier == "cloud":
             run.cost += float(result.get("cost", 0.0))
+            if self.cloud_budget is not None:
+                self.cloud_budget.settle(m.agent_id, charged, float(result.get("cost", charged)))
         await run.emit("step_done", {"step": entry})
         return result
 

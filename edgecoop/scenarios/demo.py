@@ -134,7 +134,7 @@ async def _run(args: argparse.Namespace) -> int:
             c = r.get("classification") or {}
             print(f"      route   {r['tier']:<5} {r.get('plan', {}).get('shape', '-'):<10} {_route(r)}")
             print(
-                f"      needs   {', '.join(c.get('cooperation', []))} | intent {c.get('intent')} | privacy {c.get('privacy')}"
+                f"      needs   {', '.join(c.get('cooperation', []))} | operation {c.get('operation')} | privacy {c.get('privacy')}"
             )
             print(f"      answer  {r.get('answer')}")
             print(
