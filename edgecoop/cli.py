@@ -395,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     parser.add_argument("--version", action="version", version=f"edgecoop {__version__}", help="print the version")
+    parser.add_argument("--log-format", choices=["text", "json"], default=None,
+                        help="log records as text (default) or JSON lines, e.g. for journald (env EDGECOOP_LOG_FORMAT)")  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("broker", help="run a private Mosquitto, or print broker configs",
@@ -529,10 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from edgecoop.logs import LOG_FORMATS, setup_logging
+
+    log_format = args.log_format or os.environ.get("EDGECOOP_LOG_FORMAT") or "text"
+    if log_format not in LOG_FORMATS:
+        parser.error(f"EDGECOOP_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, not {log_format!r}")
+    setup_logging(logging.DEBUG if args.verbose else logging.WARNING, log_format)
     try:
         return int(args.func(args))
     except EdgecoopError as exc:

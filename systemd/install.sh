@@ -355,6 +355,8 @@ EDGECOOP_CA_FILE=$ETC/ca.crt
 # the dashboard has no login: keep it on loopback, or set 0.0.0.0 on a trusted network only
 EDGECOOP_DASHBOARD_HOST=127.0.0.1
 EDGECOOP_DASHBOARD_PORT=$DASHBOARD_PORT
+# log records as JSON lines (one object per record) instead of text
+#EDGECOOP_LOG_FORMAT=json
 EOF
 write_once "$ETC/orchestrator.toml" <<'EOF'
 # edgecoop-orchestrator.service runs `edgecoop orchestrator --config /etc/edgecoop/orchestrator.toml`.

@@ -11,6 +11,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +27,9 @@ from edgecoop.broker import free_port
 from edgecoop.scenarios.demo import cloud_savings
 
 EDGECOOP = Path(sys.executable).with_name("edgecoop")
+# a demo run starts Mosquitto, a llama.cpp server, four agents (one loads SmolLM2) and the orchestrator: 5 s on an
+# idle 2-core machine, over a minute when other test runs load it
+pytestmark = pytest.mark.timeout(240)
 
 
 class Demo:
@@ -36,6 +40,7 @@ class Demo:
         self.proc = subprocess.Popen([str(EDGECOOP), "demo", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env=env, text=True, start_new_session=True)  # fmt: skip
         self.lines: list[str] = []
+        self.err = ""
         self._queue: queue.Queue[str] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -46,7 +51,7 @@ class Demo:
             self._queue.put(line)
         self._queue.put("")  # EOF
 
-    def until(self, pattern: str, timeout: float = 50.0) -> re.Match[str]:
+    def until(self, pattern: str, timeout: float = 180.0) -> re.Match[str]:
         deadline = time.monotonic() + timeout
         while True:
             for line in self.lines:
@@ -62,13 +67,18 @@ class Demo:
     def stderr(self) -> str:
         return self.proc.stderr.read() if self.proc.stderr and self.proc.poll() is not None else ""
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
+    def stop(self, signal_it: bool = True) -> int:
+        """SIGTERM (unless ``signal_it`` is false: a --once run exits by itself), then its exit code; its stderr in
+        ``self.err``."""
+        if self.proc.stdout is None or self.proc.stdout.closed:
+            return self.proc.wait()
+        if signal_it and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(30)
+            return self.proc.wait(60)
         finally:
             self._reader.join(10)
+            self.err = self.stderr()
             for f in (self.proc.stdout, self.proc.stderr):
                 if f:
                     f.close()
@@ -109,3 +119,42 @@ def test_health_demo_says_no_cloud_calls_and_its_dashboard_keeps_the_baseline_ap
     assert state["split"]["totals"]["cloud"] == 0
     assert [o["online"] for o in state["orchestrators"]] == [True] and state["broker"]["connected"] is True
     assert demo.stop() == 0
+
+
+def leave_time_wait(port: int) -> None:
+    """What a demo restart leaves behind: a connection of the old broker on ``port`` in TIME_WAIT (the server end
+    closed first, as Mosquitto does when it stops), for about a minute."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Mosquitto's listener
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            conn, _ = listener.accept()
+            conn.close()
+            assert client.recv(1) == b""  # the server's FIN has arrived; the client's close completes the exchange
+
+
+def test_the_demo_gets_its_port_back_right_after_a_restart(demo_runs):
+    port = free_port()
+    leave_time_wait(port)
+    with socket.socket() as plain, pytest.raises(OSError):  # the demo's old check: taken, for a minute
+        plain.bind(("127.0.0.1", port))
+    demo = Demo("health", "--once", "--broker-port", str(port), "--dashboard-port", "0")
+    demo_runs.append(demo)
+    assert demo.until(r"broker +(\S+) \(mosquitto").group(1) == f"mqtt://127.0.0.1:{port}"
+    assert demo.stop(signal_it=False) == 0, demo.err
+    assert "WARNING" not in demo.err
+
+
+def test_a_taken_port_is_said_loudly(demo_runs):
+    with socket.socket() as squatter:  # another demo or broker, listening
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        demo = Demo("health", "--once", "--broker-port", str(port), "--dashboard-port", "0")
+        demo_runs.append(demo)
+        m = demo.until(r"broker +mqtt://127\.0\.0\.1:(\d+) .* - NOT (\d+): that port is taken")
+        assert demo.stop(signal_it=False) == 0, demo.err
+    used = int(m.group(1))
+    assert used != port and int(m.group(2)) == port
+    assert f"WARNING: port {port} is taken" in demo.err and f"use -p {used} in the README's commands" in demo.err

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -73,13 +74,19 @@ async def _run(args: argparse.Namespace) -> int:
     port = args.broker_port if args.broker_port and _port_free(args.broker_port) else None
     broker = MosquittoProcess(port, websockets_port=ws_port)
     broker.start()
+    moved = ""
+    if args.broker_port and broker.port != args.broker_port:
+        moved = f" - NOT {args.broker_port}: that port is taken"
+        _warn(f"port {args.broker_port} is taken (another demo or broker is listening there); this demo's broker "
+              f"is on port {broker.port}: use -p {broker.port} in the README's commands, or stop the other one "
+              f"and start the demo again")  # fmt: skip
     stack = contextlib.AsyncExitStack()
     stack.callback(broker.cleanup)
     try:
         settings = BrokerSettings(port=broker.port, keepalive=10)
         topics = Topics()
         print(_bold(f"edgecoop demo: {scenario}"))
-        print(f"  broker      {broker.url} (mosquitto pid {broker.pid}; websockets ws://127.0.0.1:{ws_port})")
+        print(f"  broker      {broker.url} (mosquitto pid {broker.pid}; websockets ws://127.0.0.1:{ws_port}){moved}")
         cloud_url = os.environ.get("EDGECOOP_CLOUD_URL")
         exclude: set[str] = set()
         if not cloud_url:
@@ -185,10 +192,19 @@ def cloud_savings(ours: int, baseline: int) -> str:
     return f"{100.0 * (1 - ours / baseline):.0f} % of cloud calls ({ours} vs {baseline})"
 
 
-def _port_free(port: int) -> bool:
-    import socket
+def _warn(message: str) -> None:
+    print(_bold(f"edgecoop demo: WARNING: {message}"), file=sys.stderr, flush=True)
 
+
+def _port_free(port: int) -> bool:
+    """Whether a server can listen on 127.0.0.1:``port`` now.
+
+    With SO_REUSEADDR, as Mosquitto and asyncio's servers bind: the previous run's connections, which stay in
+    TIME_WAIT for about a minute after a restart, do not hold the port (without it the demo took a random port after
+    every quick restart); a process listening there does.
+    """
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -200,5 +216,6 @@ def run_demo(args: argparse.Namespace) -> int:
     args.dashboard_port = getattr(args, "dashboard_port", 0)
     args.broker_port = getattr(args, "broker_port", None)
     if args.dashboard_port and not _port_free(args.dashboard_port):
+        _warn(f"port {args.dashboard_port} is taken: the dashboard takes a free port instead (its address follows)")
         args.dashboard_port = 0
     return asyncio.run(_run(args))
