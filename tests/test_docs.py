@@ -1,4 +1,4 @@
-"""Docs checked against the code, so they cannot drift (sqlite-utils' habit).
+"""Docs checked against the code and the committed benchmark results, so they cannot drift (sqlite-utils' habit).
 
 * **Topics**: every topic the docs name parses under :class:`edgecoop.topics.Topics` (every filter matches a contract
   topic), the README's contract table agrees with ``topics.py`` on what is retained, and every topic kind is
@@ -10,6 +10,9 @@
   (a command shown only up to an option or a required argument counts as a mention), and every subcommand and
   every benchmark is shown somewhere.
 * **Broker limits**: every ``max_queued_messages N`` the docs state is the one of the stock broker configs.
+* **Benchmark figures**: a figure written as ``<number><!-- figure: FILE KEY -->`` (FILE in benchmarks/results/,
+  KEY a dotted path into its JSON, optionally ``x100`` for a fraction quoted as a percentage) must equal the file's
+  value rounded to the decimals quoted, and the text just above its table (or its own paragraph) names the file.
 """
 
 from __future__ import annotations
@@ -18,14 +21,17 @@ import argparse
 import contextlib
 import inspect
 import io
+import json
 import re
 import shlex
 import tomllib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 
 from edgecoop.agents.handlers import base as handler_base
 from edgecoop.broker.configs import development_config, production_config
@@ -383,3 +389,136 @@ def test_documented_queue_limit_is_the_configs():
     assert found, "no doc states the stock queue limit"
     wrong = [(doc, n) for doc, n in found if n != stock]
     assert not wrong, f"the stock max_queued_messages is {stock}, the docs say {wrong}"
+
+
+# -- benchmark figures -------------------------------------------------------------------------------------
+_FIGURE = re.compile(
+    r"(?P<num>[-+−]?\d[\d,]*(?:\.\d+)?)(?P<between>[^\d<|]{0,24}?)"
+    r"<!-- figure: (?P<file>[\w.-]+\.json) (?P<key>\S+?)(?: x(?P<scale>\d+))? -->"
+)
+
+
+@dataclass(frozen=True)
+class Figure:
+    doc: str
+    line: int
+    quoted: str
+    file: str
+    key: str
+    scale: int
+
+
+def _without_code(text: str) -> str:
+    """The text with fenced blocks and inline code blanked (line numbers kept): markers in code are examples."""
+    return re.sub(r"(?<!`)`[^`]+`(?!`)", lambda m: re.sub(r"[^\n]", "_", m.group(0)), _prose(text))
+
+
+def _figures(path: Path) -> list[Figure]:
+    text = _without_code(_text(path))
+    out = []
+    for m in _FIGURE.finditer(text):
+        out.append(
+            Figure(_rel(path), text.count("\n", 0, m.start()) + 1, m["num"], m["file"], m["key"], int(m["scale"] or 1))
+        )
+    return out
+
+
+def _lookup(data: Any, key: str) -> Any:
+    for part in key.split("."):
+        data = data[int(part)] if isinstance(data, list) else data[part]
+    return data
+
+
+def _matches(quoted: str, value: Any, scale: int) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    q = quoted.replace(",", "").replace("−", "-")
+    decimals = len(q.partition(".")[2])
+    return bool(abs(float(q) - value * scale) <= 0.5 * 10**-decimals + 1e-9)
+
+
+ALL_FIGURES = [f for doc in DOCS for f in _figures(doc)]
+
+
+def test_figures_are_quoted_at_all():
+    """Every doc quoting benchmark results uses markers (a regex change that finds none must not pass)."""
+    by_doc = {f.doc for f in ALL_FIGURES}
+    assert {"README.md", "docs/benchmarks.md", "docs/scaling.md", "docs/models.md"} <= by_doc
+    assert {f.file for f in ALL_FIGURES if f.doc == "README.md"} >= {"rpc.json", "cms.json", "scale.json", "slm.json",
+                                                                     "scheduling.json"}  # fmt: skip
+
+
+@pytest.mark.parametrize("fig", ALL_FIGURES, ids=lambda f: f"{f.doc}:{f.line}:{f.file}:{f.key}")
+def test_quoted_figure_matches_its_result_file(fig: Figure):
+    path = RESULTS / fig.file
+    assert path.is_file(), f"{fig.doc}:{fig.line}: no result file benchmarks/results/{fig.file}"
+    value = _lookup(json.loads(path.read_text()), fig.key)
+    assert _matches(fig.quoted, value, fig.scale), (
+        f"{fig.doc}:{fig.line}: quotes {fig.quoted} for {fig.file} {fig.key}"
+        f"{f' x{fig.scale}' if fig.scale != 1 else ''}, the file says {value}"
+    )
+
+
+def _blocks(text: str) -> list[tuple[int, str]]:
+    """(first line number, text) of the blank-line separated blocks outside code fences."""
+    out: list[tuple[int, str]] = []
+    start, lines = 0, list[str]()
+    for i, line in enumerate([*_prose(text).splitlines(), ""], 1):
+        if line.strip():
+            if not lines:
+                start = i
+            lines.append(line)
+        elif lines:
+            out.append((start, "\n".join(lines)))
+            lines = []
+    return out
+
+
+def _visible(text: str) -> str:
+    return re.sub(r"<!--.*?-->", "", text, flags=re.DOTALL)
+
+
+@pytest.mark.parametrize("doc", sorted({f.doc for f in ALL_FIGURES}))
+def test_each_quoted_table_names_its_result_files(doc: str):
+    """A table of quoted figures has its result files named in the text just above it; prose names them itself."""
+    text = _text(ROOT / doc)
+    blocks, markup = _blocks(text), _blocks(_without_code(text))
+    assert [line for line, _ in blocks] == [line for line, _ in markup]
+    missing = []
+    for i, ((line, block), (_, marked)) in enumerate(zip(blocks, markup, strict=True)):
+        files = {m["file"] for m in _FIGURE.finditer(marked)}
+        if not files:
+            continue
+        caption = block if not block.startswith("|") else blocks[i - 1][1] + "\n" + block
+        for f in sorted(files):
+            if f"benchmarks/results/{f}" not in _visible(caption):
+                missing.append(f"{doc}:{line}: figures from {f} without naming benchmarks/results/{f} above")
+    assert not missing, "\n".join(missing)
+
+
+@pytest.mark.parametrize("doc", sorted({f.doc for f in ALL_FIGURES}))
+def test_quoted_tables_have_no_unmarked_figures(doc: str):
+    """In a table that quotes result files, every number outside the first column is a marked figure (targets,
+    written with a comparison sign, are specifications, not figures)."""
+    bad = []
+    for table in _tables(_text(ROOT / doc)):
+        if not any(_FIGURE.search(c) for row in table for c in row):
+            continue
+        for row in table[1:]:
+            for cell in row[1:]:
+                rest = _FIGURE.sub("", cell)
+                rest = re.sub(r"[<>≤≥]=?\s*[\d.,]+", "", rest)  # targets
+                rest = re.sub(r"`[^`]*`", "", rest)  # code (names, keys)
+                if re.search(r"\d", rest):
+                    bad.append(f"{doc}: {' | '.join(row)}")
+                    break
+    assert not bad, "numbers in quoted tables without a figure marker:\n" + "\n".join(bad)
+
+
+def test_result_files_name_their_machine():
+    files = sorted(RESULTS.glob("*.json"))
+    assert files
+    for path in files:
+        machine = json.loads(path.read_text()).get("machine", {})
+        for keys in (("system", "platform"), ("cores", "cpus"), ("python",)):
+            assert any(machine.get(k) for k in keys), f"{_rel(path)}: its machine does not say {' or '.join(keys)}"
