@@ -126,6 +126,8 @@ def _sensor_name(card: Mapping[str, Any], modality: str | None) -> str | None:
 
 def _refusal(text: str, spec: TaskSpec | None, privacy: str, *, decision: str = "refused",
              options: Sequence[str] = ()) -> TaskOutcome:  # fmt: skip
+    if privacy != "public" and "not sent to the cloud" not in text:
+        text += f" This {privacy} question was not sent to the cloud."
     answer = Answer(text, decision=decision, confidence=1.0, options=list(options))
     return TaskOutcome("done", answer, "none", spec, {"shape": "none"}, reason=text, privacy=privacy)
 
@@ -227,17 +229,25 @@ class Engine:
 
     async def _open(self, run: _Run) -> TaskOutcome:
         spec = run.spec
+        tried: Plan | None = None
         # the edge's own documents first: a question they answer well never needs the cloud (or a refusal)
         if self.vocab.knowledge and not spec.personal:
-            plan = Plan(((knowledge_step(run.sub.question, None, optional=True),),), "single", "edge")
+            tried = Plan(((knowledge_step(run.sub.question, None, optional=True),),), "single", "edge")
             try:
-                results = await self._execute(run, plan)
+                results = await self._execute(run, tried)
             except StepFailed:
                 results = {}
             results["_question"] = run.sub.question
             if best_passages(results, run.sub.question, min_support=MIN_SUPPORT_OPEN) is not None:
                 answer = OPERATIONS[Operation.LOOKUP].answer(spec, results, self.vocab)
-                return TaskOutcome("done", answer, "edge", spec, self._describe(plan))
+                return TaskOutcome("done", answer, "edge", spec, self._describe(tried))
+        outcome = await self._open_beyond_documents(run)
+        if tried is not None:  # the plan shows every stage the task ran, the document look-up included
+            outcome.plan = {**outcome.plan, "stages": self._describe(tried)["stages"] + outcome.plan.get("stages", [])}
+        return outcome
+
+    async def _open_beyond_documents(self, run: _Run) -> TaskOutcome:
+        spec = run.spec
         if run.privacy != "public":
             return _refusal(
                 f"This question is {run.privacy} (personal or site data) and the edge has no agent that answers it; "

@@ -153,7 +153,13 @@ class Check(OperationKind):
         else:
             picked = _pick_rule(results.get("rule", []), domains)
             if picked is None:
-                raise UnservableError(f"no rulebook states a limit for {what}; ask with your own limit")
+                if _is_object(t):
+                    raise UnservableError(f"no rulebook states a threshold for {what}; ask with your own limit")
+                # the value is a fact; the judgement needs a limit nobody stated: say so instead of judging
+                text = (f"The {what} at {t.place or results['read:0'].get('location', 'your device')} is {fmt(value)} "
+                        f"{unit}; no rulebook at the edge states a limit for it (ask with your own, e.g. "
+                        f"'above {fmt(value)}?').")  # fmt: skip
+                return Answer(text, value, "no_limit", [], 0.9, text)
             rule = picked
         verdict = judge(value, rule)
         decision = str(rule.get(verdict, verdict))

@@ -97,6 +97,12 @@ class FastParser:
             if h is not None and not any(_overlaps(h, p) for p in places)
         ]
         quantities = _dedupe(quantities)
+        if not quantities:  # "air quality", "pollution": every modality the capability measures, each a target
+            for ph, mods in sorted(vocab.groups.items(), key=lambda kv: -len(kv[0])):
+                gm = match_phrase(words, ph, fuzzy=False)
+                if gm is not None and not any(_overlaps(_Hit("", gm[0], gm[1], True), p) for p in places):
+                    quantities = [_Hit(mod, gm[0], gm[1], True) for mod in sorted(mods)]
+                    break
         objects = [
             h
             for h in (_best(words, name, phs) for name, (_op, phs) in lex.objects.items())
@@ -123,7 +129,9 @@ class FastParser:
         covered_q = {i for h in quantities for i in range(h.start + 1, h.start + h.length)}  # "vehicles/min"
         agg, window_s = self._agg_window([w if i not in covered_q else "" for i, w in enumerate(words)], lex)
         limit = self._limit(words, spans, lex)
+        yes_no = bool(words) and words[0] in ("is", "are", "am", "was", "does", "do", "has", "have")
         check = _has(words, lex.operations["check"]) or limit is not None or "too" in words
+        check = check or (yes_no and bool(quantities) and not _has(words, lex.operations["compare"]))
         area = _has(words, lex.operations["area"])
         lookup_cue = _has(words, lex.operations["lookup"])
         live = _has(words, lex.operations["live"])
@@ -131,7 +139,11 @@ class FastParser:
         general_cue = _has(words, lex.general)
         if general_cue and not places and not quantities:
             return replace(base, general=not personal, confidence=0.95)
-        if not quantities and not objects and any(w in ("level", "levels", "index", "concentration") for w in words):
+        if (
+            not quantities
+            and not objects
+            and any(w in ("level", "levels", "index", "concentration", "speed", "pressure") for w in words)
+        ):
             at = f" at {place_names[0]}" if place_names else ""
             return replace(base, unknown=f"no agent{at} measures that; known quantities: "
                            f"{', '.join(sorted(q.name for q in vocab.quantities.values()))}")  # fmt: skip
@@ -149,7 +161,8 @@ class FastParser:
                 targets = tuple(Target(m, None, agg, window_s) for m in sorted({m for m, _ in mine}))
                 return replace(base, operation=Operation.SUMMARISE, targets=targets)
 
-        lookup_only = lookup_cue and not live and not _has(words, lex.operations["count"]) and not check
+        doc_cue = _has(words, _DOC_CUES)
+        lookup_only = lookup_cue and not live and not _has(words, lex.operations["count"]) and (not check or doc_cue)
         if objects and not quantities and lookup_only:
             return self._lookup(base, words, vocab, [])
         if objects and not quantities:
@@ -177,7 +190,7 @@ class FastParser:
                 return self._lookup(base, words, vocab, quantities)
             if doc_question and _asks_for_rule(words) and _has(words, _RULE_WORDS):
                 return self._lookup(base, words, vocab, quantities)
-            if len(place_names) >= 2 and not area:
+            if len(place_names) >= 2:
                 m = targets_mod[0]
                 missing = [p for p in place_names if p not in vocab.providers(m)]
                 if missing:
@@ -252,7 +265,14 @@ class FastParser:
             if (i in covered and i not in single) or w not in lex.place_heads or i == 0:
                 continue
             prev = words[i - 1]
-            if (i - 1) in covered or prev in lex.stopwords or prev in lex.not_places or prev in known_words:
+            connectors = ("vs", "versus", "or", "and", "than", "between")
+            if (
+                (i - 1) in covered
+                or prev in lex.stopwords
+                or prev in lex.not_places
+                or prev in known_words
+                or prev in connectors
+            ):
                 continue
             if any(similar(prev, k) for k in known_words) or prev.isdigit():
                 continue
@@ -265,7 +285,9 @@ class FastParser:
                 if kin and not any(w in n for n in kin):
                     return f"{words[i - 1]} {w}".title()
         # "at Narnia", "near Atlantis": a capitalised name after a preposition that no card knows
-        pattern = r"\b(?:at|in|near|around|by|and|or|vs)\s+(?:the\s+)?([A-Z][\w'-]+(?:\s+[A-Z][\w'-]+)*)"
+        # after "and"/"or"/"vs" only in a list of places ("City Park and the University Campus")
+        listing = r"|and|or|vs" if any(h.name in vocab.places for h in spans) else ""
+        pattern = rf"\b(?:at|in|near|around|by{listing})\s+(?:the\s+)?([A-Z][\w'-]+(?:\s+[A-Z][\w'-]+)*)"
         for m in re.finditer(pattern, question):
             name = [n for n in tokens(m.group(1)) if n not in lex.stopwords]
             unknown = [n for n in name if not any(similar(n, k) for k in known_words)]
@@ -338,6 +360,8 @@ class FastParser:
         public = sorted(p for p, c in providers.items() if c == "public")
         if len(public) == 1 and not personal:
             return public[0], {}
+        if len(providers) == 1:  # the only place that measures it (its privacy then governs the task)
+            return next(iter(providers)), {}
         options = public or sorted(providers)
         name = vocab.quantities[modality].name
         return None, {
@@ -370,6 +394,20 @@ class FastParser:
         return replace(base, operation=Operation.LOOKUP, knowledge_agent=best.agent_id, confidence=conf)
 
 
+_DOC_CUES = tuple(
+    tuple(p.split())
+    for p in (
+        "what should",
+        "when should",
+        "how should",
+        "according to",
+        "what does",
+        "what do the",
+        "rules",
+        "procedure",
+        "regulation",
+    )
+)
 _RULE_WORDS = tuple(
     (w,)
     for w in (

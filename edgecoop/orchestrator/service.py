@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -22,10 +23,12 @@ import aiomqtt
 from edgecoop.cms.mirror import CmsMirror
 from edgecoop.cms.sites import SiteCosts
 from edgecoop.connection import BrokerSettings, Connection, Message, State
-from edgecoop.errors import EdgecoopError, SchemaError, TopicError, WireError
+from edgecoop.errors import EdgecoopError, Overloaded, SchemaError, TopicError, WireError
 from edgecoop.messages import Status
+from edgecoop.orchestrator.admission import LOCAL, Admission, AdmissionSettings, Pacer, Ticket, client_of, rejection
 from edgecoop.orchestrator.engine import Engine, Submission, TaskOutcome
 from edgecoop.orchestrator.parser import Parser
+from edgecoop.orchestrator.spec import TaskSpec
 from edgecoop.orchestrator.store import TaskStore
 from edgecoop.orchestrator.strategies import STRATEGIES, Strategy, get_strategy
 from edgecoop.overload import DropMonitor
@@ -69,6 +72,10 @@ def parse_submission(data: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(sm, bool):
             raise SchemaError("task: 'summarize' must be true or false")
         out["summarize"] = sm
+    if (c := data.get("client")) is not None:  # who asks, for fairness and rate limits (admission.py)
+        if not isinstance(c, str) or not c or len(c) > 128:
+            raise SchemaError("task: 'client' must be a non-empty string of at most 128 characters")
+        out["client"] = c
     return out
 
 
@@ -91,6 +98,7 @@ class Orchestrator:
         site: str | None = None,
         site_costs: Mapping[str, float] | None = None,
         alarm_clear_after_s: float = 30.0,
+        admission: AdmissionSettings | None = None,
     ) -> None:
         self.settings = settings
         self.topics = topics or Topics()
@@ -140,8 +148,10 @@ class Orchestrator:
             self.orchestrator_id, self.counters, publish=self._publish_alarm, suspects=self.requester.backlog,
             on_drops=self.requester.note_drops, clear_after_s=alarm_clear_after_s,
         )  # fmt: skip
+        #: bulkheads per tier, bounded queues, per-client rates, the cloud budget (admission.py); counts go to counters
+        self.admission = Admission(admission, self.counters)
         self.engine = Engine(self.mirror, self.requester, parser, model_parser=model_parser, sites=self.sites,
-                             policy=privacy_policy)  # fmt: skip
+                             policy=privacy_policy, cloud_budget=self.admission.cloud)  # fmt: skip
         self.state = State.NEW
 
     def strategy(self, name: str | None) -> Strategy:
@@ -169,16 +179,28 @@ class Orchestrator:
             self._stack.callback(self._worker.close)
             self._stack.push_async_callback(self._worker.run, self.store.close)
             self._stack.callback(self.engine.close)
+            self._stack.callback(self.admission.close)
             await self._stack.enter_async_context(self.mirror)
             self._tg = asyncio.TaskGroup()
             await self._stack.enter_async_context(self._tg)
             await self._stack.enter_async_context(self.conn)
             overload = self._tg.create_task(self.overload.run(), name=f"orchestrator[{self.orchestrator_id}].overload")
             self._stack.callback(overload.cancel)  # before the task group waits for it (on exit and on failure)
+            capacity = self._tg.create_task(
+                self.admission.follow(self.mirror), name=f"orchestrator[{self.orchestrator_id}].capacity"
+            )
+            self._stack.callback(capacity.cancel)
+            intake = self._tg.create_task(self._intake(), name=f"orchestrator[{self.orchestrator_id}].intake")
+            self._stack.callback(intake.cancel)
+            refusals = self._tg.create_task(
+                self._send_refusals(), name=f"orchestrator[{self.orchestrator_id}].refusals"
+            )
+            self._stack.callback(refusals.cancel)
             await self.mirror.wait_reconciled()
             await self.mirror.sync()
             for rec in await self._worker.run(self.store.unfinished):
                 self.counters["recovered"] += 1
+                self.admission.active.add(rec["task_id"])  # admitted before the restart: its re-sends wait for it
                 self._start(rec["task_id"], rec["request"], _route_from_record(rec))
         except BaseException:
             await self._stack.aclose()
@@ -201,6 +223,28 @@ class Orchestrator:
     async def _on_message(self, message: Message) -> None:
         if self.requester.handle(message) or self.overload.handle(message) or self.mirror.handle(message):
             return
+        # a submission: out of the MQTT inbox at once (agents' replies wait behind nothing), into the fair,
+        # bounded intake queue of admission.py, keyed by the Response Topic (read without decoding)
+        rt = getattr(message.properties, "ResponseTopic", None)
+        raw = message.payload if isinstance(message.payload, bytes) else b""
+        try:
+            self.admission.receive(rt if isinstance(rt, str) and rt else "", message, len(raw))
+        except Overloaded as exc:
+            await self._refuse(None, reply_context(message, self.topics, any_topic=True), exc)
+
+    async def _intake(self) -> None:
+        pacer = Pacer()  # replies and running tasks get the loop between submissions, and half of it in a flood
+        while True:
+            if not self.admission.received.items:
+                pacer.idle()
+            message = await self.admission.received.get()
+            try:
+                await self._on_submission(message)
+            except Exception:  # as Connection._dispatch: a bug in one submission must not stop the intake
+                log.exception("orchestrator: submission on %s failed", message.topic)
+            await pacer.pace()
+
+    async def _on_submission(self, message: Message) -> None:
         route = reply_context(message, self.topics, any_topic=True)
         raw = message.payload if isinstance(message.payload, bytes) else b""
         ctype = getattr(message.properties, "ContentType", None)
@@ -225,26 +269,100 @@ class Orchestrator:
             return
         await self.accept(sub, route)
 
-    async def accept(self, sub: dict[str, Any], route: ReplyContext | None) -> str:
+    async def accept(self, sub: dict[str, Any], route: ReplyContext | None, *, local: bool = False) -> str:
+        """Admit a submission (admission.py) or refuse it at once; ``local``: in-process, never refused."""
         task_id = sub.get("task_id") or uuid.uuid4().hex[:16]
-        strategy = self.strategy(sub.get("strategy")).name
-        assert self.store is not None
-        created = await self._worker.run(
-            self.store.create, task_id, sub["question"], strategy, sub, route.response_topic if route else None,
-            route.correlation if route else None, route.fmt.value if route else Format.MSGPACK.value,
-        )  # fmt: skip
-        if not created:
+        if task_id in self.admission.active:  # a re-send of a task in progress: answered when it ends
             self.counters["duplicate"] += 1
-            rec = await self._worker.run(self.store.get, task_id)
-            if rec and rec["result"] is not None and route is not None:
-                await self._send(route, rec["result"])  # answered once, re-sent on a duplicate submission
             return task_id
-        self.counters["accepted"] += 1
-        self._start(task_id, sub, route)
+        if "task_id" in sub:  # a re-send of a task that ended (or was recovered) gets its answer, never a refusal
+            assert self.store is not None
+            if (rec := await self._worker.run(self.store.get, task_id)) is not None:
+                await self._duplicate(task_id, route, rec)
+                return task_id
+        client = LOCAL if local else client_of(sub, route)
+        understanding: Ticket | None = None
+        if not local:
+            try:  # microseconds, before anything is queued or stored: a flood is refused at this cost
+                understanding = self.admission.intake(client, sub["question"])
+            except Overloaded as exc:
+                await self._refuse(sub.get("task_id"), route, exc)
+                return task_id
+        admit = self._admit(task_id, sub, route, client, understanding, local)
+        if understanding is None:  # understood on the loop in milliseconds: admitted (or refused) before we return
+            await admit
+            return task_id
+        t = self._tg.create_task(admit, name=f"orchestrator[{self.orchestrator_id}].admit")  # the worker's queue
+        self._running.add(t)
+        t.add_done_callback(self._running.discard)
         return task_id
 
-    def _start(self, task_id: str, sub: Mapping[str, Any], route: ReplyContext | None) -> None:
-        t = self._tg.create_task(self._run(task_id, sub, route), name=f"orchestrator[{self.orchestrator_id}].task")
+    async def _admit(self, task_id: str, sub: dict[str, Any], route: ReplyContext | None, client: str,
+                     understanding: Ticket | None, local: bool) -> None:  # fmt: skip
+        """Understand, choose the tier, take a place in its bulkhead (or refuse), store, start."""
+        strategy = self.strategy(sub.get("strategy"))
+        try:
+            ticket, understood, parse_ms = await self.admission.admit_task(
+                self.engine, task_id, sub, client, understanding, strategy=strategy,
+                summarize=bool(sub.get("summarize", self.summarize)),
+                deadline_s=float(sub.get("deadline_s", self.default_deadline_s)), local=local,
+            )  # fmt: skip
+        except Overloaded as exc:
+            await self._refuse(sub.get("task_id"), route, exc, task_id)
+            return
+        assert self.store is not None
+        created = False
+        try:
+            created = await self._worker.run(
+                self.store.create, task_id, sub["question"], strategy.name, sub,
+                route.response_topic if route else None, route.correlation if route else None,
+                route.fmt.value if route else Format.MSGPACK.value,
+            )  # fmt: skip
+        finally:
+            if not created:
+                ticket.release()
+                self.admission.finished(task_id)
+        if not created:
+            await self._duplicate(task_id, route, await self._worker.run(self.store.get, task_id))
+            return
+        self.counters["accepted"] += 1
+        self._start(task_id, sub, route, ticket, understood, parse_ms)
+
+    async def _duplicate(self, task_id: str, route: ReplyContext | None, rec: Mapping[str, Any] | None) -> None:
+        self.counters["duplicate"] += 1
+        if rec and rec["result"] is not None:
+            if route is not None:
+                await self._send(route, rec["result"])  # answered once, re-sent on a duplicate submission
+            if (fut := self._waiters.get(task_id)) is not None and not fut.done():
+                fut.set_result(rec["result"])
+
+    async def _refuse(self, task_id: str | None, route: ReplyContext | None, exc: Overloaded,
+                      waiter: str | None = None) -> None:  # fmt: skip
+        """Answer a refused submission: in-process at once; over MQTT through the refusal outbox (QoS 0, so
+        refusing never waits for the broker; a lost refusal is an unanswered submission: the client re-sends)."""
+        if (fut := self._waiters.get(waiter or task_id or "")) is not None and not fut.done():
+            fut.set_result(rejection(task_id, exc))
+        if route is not None and not self.admission.refusals.put((route, task_id, exc)):
+            self.counters["refusals_dropped"] += 1
+
+    async def _send_refusals(self) -> None:
+        pacer = Pacer()  # reading (agents' replies) and running tasks first
+        while True:
+            if not len(self.admission.refusals):
+                pacer.idle()
+            route, task_id, exc = await self.admission.refusals.get()
+            try:
+                await self.conn.publish(route.response_topic, encode(rejection(task_id, exc), route.fmt), qos=0,
+                                        properties=route.properties(), wait=1)  # fmt: skip
+            except EdgecoopError as exc2:
+                self.counters["reply_failed"] += 1
+                log.debug("orchestrator: refusal to %s not sent: %s", route.response_topic, exc2)
+            await pacer.pace()
+
+    def _start(self, task_id: str, sub: Mapping[str, Any], route: ReplyContext | None, ticket: Ticket | None = None,
+               understood: TaskSpec | None = None, parse_ms: float = 0.0) -> None:  # fmt: skip
+        t = self._tg.create_task(self._run(task_id, sub, route, ticket, understood, parse_ms),
+                                 name=f"orchestrator[{self.orchestrator_id}].task")  # fmt: skip
         self._running.add(t)
         t.add_done_callback(self._running.discard)
 
@@ -255,13 +373,24 @@ class Orchestrator:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiters[task_id] = fut
         try:
-            await self.accept(sub, None)
+            await self.accept(sub, None, local=True)
             return await fut
         finally:
             self._waiters.pop(task_id, None)
 
     # -- running ---------------------------------------------------------------------------------------------
-    async def _run(self, task_id: str, sub: Mapping[str, Any], route: ReplyContext | None) -> None:
+    async def _run(self, task_id: str, sub: Mapping[str, Any], route: ReplyContext | None, ticket: Ticket | None = None,
+                   understood: TaskSpec | None = None, parse_ms: float = 0.0) -> None:  # fmt: skip
+        """Run a task; ``ticket``: its bulkhead place (admission.py), held until the engine is done."""
+        try:
+            await self._run_admitted(task_id, sub, route, ticket, understood, parse_ms)
+        finally:
+            if ticket is not None:
+                ticket.release()
+            self.admission.finished(task_id)
+
+    async def _run_admitted(self, task_id: str, sub: Mapping[str, Any], route: ReplyContext | None,
+                            ticket: Ticket | None, understood: TaskSpec | None, parse_ms: float) -> None:  # fmt: skip
         spec = Submission(
             task_id, sub["question"], sub.get("privacy"), float(sub.get("deadline_s", self.default_deadline_s)),
             bool(sub.get("summarize", self.summarize)), sub.get("strategy"),
@@ -273,18 +402,31 @@ class Orchestrator:
 
         result: dict[str, Any]
         try:
-            async with self._slots:
-                await emit("received", {"strategy": strategy.name})
-                assert self.store is not None
-                await self._worker.run(self.store.set_state, task_id, "running")
+            waited = 0.0
+            if ticket is not None:  # a place in the tier's queue: wait for a running slot within the deadline
                 try:
-                    async with asyncio.timeout(spec.deadline_s + 1.0):
-                        outcome = await self.engine.run(spec, strategy, emit)
+                    waited = await ticket.wait(spec.deadline_s)
                 except TimeoutError:
-                    outcome = TaskOutcome(
-                        "timed_out", None, "none", None, {}, reason=f"no answer within {spec.deadline_s:.0f}s"
-                    )
-                result = outcome.to_dict(task_id)
+                    waited = -1.0
+            if waited < 0:
+                why = f"no {ticket.bulkhead.name if ticket else ''} slot within {spec.deadline_s:.0f}s"
+                result = TaskOutcome("timed_out", None, "none", understood, {}, reason=why).to_dict(task_id)
+            else:
+                spec = dataclasses.replace(spec, deadline_s=max(1.0, spec.deadline_s - waited))
+                async with self._slots:
+                    await emit("received", {"strategy": strategy.name})
+                    assert self.store is not None
+                    await self._worker.run(self.store.set_state, task_id, "running")
+                    try:
+                        async with asyncio.timeout(spec.deadline_s + 1.0):
+                            outcome = await self.engine.run(spec, strategy, emit, spec=understood, parse_ms=parse_ms)
+                    except TimeoutError:
+                        outcome = TaskOutcome(
+                            "timed_out", None, "none", None, {}, reason=f"no answer within {spec.deadline_s:.0f}s"
+                        )
+                    result = outcome.to_dict(task_id)
+                if ticket is not None:
+                    ticket.release()  # the slot is free while the result is stored and sent
         except asyncio.CancelledError:
             raise  # shutting down: the task stays 'running' in SQLite and is recovered on restart
         except Exception as exc:  # never let a task vanish: a bug becomes a 'failed' with its reason

@@ -57,7 +57,7 @@ def similar(word: str, target: str) -> bool:
         return True
     if len(target) >= 4 and word.startswith(target) and word[len(target) :] in _SUFFIXES:
         return True
-    if len(target) < 6 or len(word) < 5 or any(c.isdigit() for c in target):
+    if len(target) < 7 or len(word) < 5 or any(c.isdigit() for c in target):
         return False
     return _edits(word, target, 2 if len(target) >= 9 else 1) <= (2 if len(target) >= 9 else 1)
 

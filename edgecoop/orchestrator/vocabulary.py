@@ -118,6 +118,8 @@ class Vocabulary:
         self.places: dict[str, Place] = {}
         self.knowledge: dict[str, Knowledge] = {}
         self.cameras: dict[str, set[str]] = {}  # place -> camera agent ids
+        #: words of a multi-sensor capability ("air quality", "pollution") -> the modalities it measures
+        self.groups: dict[Phrase, set[str]] = {}
         self.vision = False
         self.version = 0
 
@@ -164,6 +166,10 @@ class Vocabulary:
             if place_name:
                 q.place_domains.setdefault(place_name, set()).update(str(d) for d in card.get("domains", ()))
                 q.places[place_name] = privacy if q.places.get(place_name, "public") == "public" else "private"
+        if len(sensors) > 1 and len(sensor_caps) == 1:  # its tags and name stand for all of its sensors
+            words = [str(t) for t in sensor_caps[0].get("tags", ())] + [str(sensor_caps[0].get("name", ""))]
+            for ph in _phrases(words):
+                self.groups.setdefault(ph, set()).update(str(x["modality"]) for x in sensors)
         if len(sensors) == 1 and len(sensor_caps) == 1:  # a one-sensor capability's tags name that sensor
             q = self.quantities[str(sensors[0]["modality"])]
             q.phrases |= set(_phrases(str(t) for t in sensor_caps[0].get("tags", ())))
