@@ -295,6 +295,7 @@ async def run(*, splits: tuple[str, ...] = ("dev", "test"), concurrency: int = 4
                                      "exact": ops_slots_exact(it, r.get("classification"), route), "answer_ok": ok,
                                      "private_to_cloud": bool(it.get("personal")) and r.get("cloud_calls", 0) > 0,
                                      "parse_ms": r.get("parse_ms", 0.0), "route": route, "want_route": it["route"],
+                                     "wrong_answer": route == "edge" and r.get("state") == "done" and not ok,
                                      "question": it["question"], "answer": str(r.get("answer"))[:200],
                                      "spec": {k: (r.get("classification") or {}).get(k) for k in
                                               ("operation", "targets", "limit", "unknown", "ask")}})  # fmt: skip
@@ -322,6 +323,8 @@ async def run(*, splits: tuple[str, ...] = ("dev", "test"), concurrency: int = 4
             "answer": round(sum(r["answer_ok"] for r in rs) / n, 4),
             "private_to_cloud": round(sum(r["private_to_cloud"] for r in rs) / n, 4),
             "private_to_cloud_count": sum(r["private_to_cloud"] for r in rs),
+            # an edge answer given and graded wrong: the failure a refusal would have avoided
+            "wrong_answer": round(sum(r["wrong_answer"] for r in rs) / n, 4),
             "parse_p50_ms": round(statistics.median(r["parse_ms"] for r in rs), 3),
             "parse_p95_ms": round(_pct([r["parse_ms"] for r in rs], 95), 3),
         }

@@ -210,6 +210,8 @@ class Engine:
             return _refusal(spec.ask, spec, run.privacy, decision="clarify", options=spec.options)
         if spec.operation is Operation.OPEN:
             return await self._open(run)
+        if run.strategy.cloud_everything and run.privacy == "public":  # the cloud-only baseline, nothing else
+            return await self._cloud(run, reason="baseline")
         op = OPERATIONS[spec.operation]
         try:
             plan = op.plan(spec, sub.question, summarize=sub.summarize)
@@ -272,8 +274,8 @@ class Engine:
         return TaskOutcome("done", answer, "edge", spec, self._describe(plan))
 
     async def _cloud(self, run: _Run, *, reason: str) -> TaskOutcome:
-        if run.privacy != "public" or run.spec.operation is not Operation.OPEN:  # defence in depth
-            raise StepFailed("refusing to send a non-public or world task to the cloud")
+        if run.privacy != "public" or not (run.spec.operation is Operation.OPEN or run.strategy.cloud_everything):
+            raise StepFailed("refusing to send a non-public or world task to the cloud")  # defence in depth
         plan = cloud_plan(run.sub.question)
         gate = self.cloud_budget
         try:
@@ -443,8 +445,8 @@ class Engine:
         tier = "cloud" if step.kind == "cloud" else "edge"
         charged = 0.0
         if tier == "cloud":
-            if run.privacy != "public" or run.spec.operation is not Operation.OPEN:  # never, whatever the plan says
-                raise StepFailed("refusing to send a non-public or world task to the cloud")
+            if run.privacy != "public" or not (run.spec.operation is Operation.OPEN or run.strategy.cloud_everything):
+                raise StepFailed("refusing to send a non-public or world task to the cloud")  # whatever the plan says
             if self.cloud_budget is not None:  # before the request: a call beyond the budget is never sent
                 charged = self.cloud_budget.charge(m.agent_id, float(m.card.get("cost", {}).get("per_call", 0.0)))
             run.cloud_calls += 1

@@ -165,6 +165,10 @@ class FastParser:
         lookup_only = lookup_cue and not live and not _has(words, lex.operations["count"]) and (not check or doc_cue)
         if objects and not quantities and lookup_only:
             return self._lookup(base, words, vocab, [])
+        if objects and quantities and check and place_names and place_names[0] in vocab.cameras:
+            # "divert bus 42 around Harbour Gate": nothing there measures the bus; its camera sees the traffic
+            if not any(place_names[0] in vocab.providers(h.name) for h in quantities):
+                quantities = []
         if objects and not quantities:
             obj = objects[0].name
             cams = sorted(vocab.cameras)
@@ -378,13 +382,17 @@ class FastParser:
         content = [w for w in words if w not in lex.stopwords and len(w) > 2]
         df = {w: sum(1 for k in sources if any(similar(w, t) for t in k.terms)) for w in set(content)}
         domains = {d for h in quantities for d in vocab.quantities[h.name].domains}
-        best, best_score = None, 0.0
+        best, best_score, tied = None, 0.0, False
         for k in sources:
             score = sum(math.log(1 + len(sources) / df[w]) for w in set(content) if df[w] and
                         any(similar(w, t) for t in k.terms))  # fmt: skip
             score += 2.0 * len(domains & k.domains)
-            if score > best_score:
-                best, best_score = k, score
+            if score > best_score + 1e-9:
+                best, best_score, tied = k, score, False
+            elif best is not None and abs(score - best_score) <= 1e-9:
+                tied = True
+        if tied:  # the declared fields do not decide: every knowledge agent is asked (and the strictest privacy holds)
+            best = None
         if best is None:
             if _has(words, lex.general) and not base.personal:
                 return replace(base, general=True, confidence=0.9)
@@ -466,6 +474,8 @@ def privacy_of(spec: TaskSpec, vocab: Vocabulary, *, policy: str | None = None) 
             classes.extend(c for c in provs.values() if c == "public")
     if spec.knowledge_agent and spec.knowledge_agent in vocab.knowledge:
         classes.append(vocab.knowledge[spec.knowledge_agent].privacy)
+    elif spec.operation is Operation.LOOKUP:  # a fan-out touches every knowledge agent: the strictest counts
+        classes.extend(k.privacy for k in vocab.knowledge.values())
     return strictest(*classes)
 
 

@@ -31,6 +31,9 @@ class Strategy:
     semantic: ClassVar[bool] = False
     #: after an edge answer with low confidence or an edge failure, try the cloud
     escalate: ClassVar[bool] = False
+    #: a baseline that plays a deployment without the edge: every public task goes to the cloud, world questions
+    #: included (they then get the cloud's "no access to that data"); private and site tasks never do
+    cloud_everything: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0) -> None:
         self.rng = random.Random(seed)
@@ -46,7 +49,8 @@ class Strategy:
 
 class CloudOnly(Strategy):
     name = "cloud-only"
-    description = "every task the cloud may see goes to the cloud LLM"
+    description = "baseline: every public task goes to the cloud LLM, as in a deployment without the edge"
+    cloud_everything = True
 
     def tier(self, c: TaskSpec) -> str:
         return "cloud"

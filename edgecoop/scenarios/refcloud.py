@@ -1,8 +1,10 @@
 """``cloud-reference``: an offline stand-in for the cloud tier, for benchmarks only.
 
-It plays the strong cloud model by answering each question with the labelled reference answer from the task
-set (configurable latency and cost), and it watches privacy: every prompt it receives for a task labelled
-private is counted as a violation. Its card says ``kind = "cloud"`` so the orchestrator treats it exactly as it
+It plays a strong cloud model that knows general knowledge and nothing of the edge: an open question labelled for
+the cloud is answered with its reference answer; any other question (live sensor values, cameras, the edge's own
+documents) gets "I have no access to that data", which scores wrong, as a real cloud model without the edge's facts
+would. Configurable latency and cost; it watches privacy: every prompt it receives for a task labelled private is
+counted as a violation. Its card says ``kind = "cloud"`` so the orchestrator treats it exactly as it
 treats a real OpenAI-compatible endpoint; benchmark output states that this stand-in was used.
 """
 
@@ -36,7 +38,9 @@ class ReferenceCloudHandler(Handler):
         from edgecoop.scenarios.taskset import load_tasks
 
         for t in load_tasks():
-            self.references[t.question] = (str(t.expect.get("reference", "")), t.privacy)
+            # general knowledge only: the references of open questions; the edge's live data it cannot know
+            ref = str(t.expect.get("reference", "")) if t.intent == "open" else ""
+            self.references[t.question] = (ref, t.privacy)
 
     async def handle(self, request_input: Mapping[str, Any], call: CallContext) -> Mapping[str, Any]:
         prompt = request_input.get("prompt")
@@ -49,5 +53,5 @@ class ReferenceCloudHandler(Handler):
         if privacy == "private":
             self.privacy_violations += 1
         await asyncio.sleep(self.latency_s)  # the cloud round trip this stand-in represents
-        return {"text": ref or "(no reference answer)", "model": "reference-stand-in", "cost": self.cost_per_call,
+        return {"text": ref or "I have no access to that data.", "model": "reference-stand-in", "cost": self.cost_per_call,
                 "stand_in": True}  # fmt: skip
