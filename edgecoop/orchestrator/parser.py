@@ -165,10 +165,10 @@ class FastParser:
         lookup_only = lookup_cue and not live and not _has(words, lex.operations["count"]) and (not check or doc_cue)
         if objects and not quantities and lookup_only:
             return self._lookup(base, words, vocab, [])
-        if objects and quantities and check and place_names and place_names[0] in vocab.cameras:
-            # "divert bus 42 around Harbour Gate": nothing there measures the bus; its camera sees the traffic
-            if not any(place_names[0] in vocab.providers(h.name) for h in quantities):
-                quantities = []
+        # "divert bus 42 around Harbour Gate": nothing there measures the bus; its camera sees the traffic
+        cam_place = bool(place_names) and place_names[0] in vocab.cameras
+        if objects and quantities and check and cam_place:
+            quantities = [h for h in quantities if place_names[0] in vocab.providers(h.name)]
         if objects and not quantities:
             obj = objects[0].name
             cams = sorted(vocab.cameras)
