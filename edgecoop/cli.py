@@ -276,6 +276,7 @@ def _orchestrator_settings(args: argparse.Namespace) -> tuple[dict[str, Any], Br
     """Flags override the TOML file (``--config``), which overrides the defaults; the file is checked key by key."""
     import dataclasses
 
+    from edgecoop.orchestrator.admission import AdmissionSettings
     from edgecoop.orchestrator.strategies import STRATEGIES
     from edgecoop.settings import (
         ORCHESTRATOR_TABLES,
@@ -287,12 +288,14 @@ def _orchestrator_settings(args: argparse.Namespace) -> tuple[dict[str, Any], Br
     )
 
     table, broker_table, path = OrchestratorTable(), BrokerTable(), None
+    admission = AdmissionSettings()  # [admission]: bulkheads, queues, client rates, the cloud budget
     if args.config:
         path = Path(args.config)
         data = read_toml(path, "orchestrator config")
         check_tables(data, ORCHESTRATOR_TABLES, str(path))
         table = from_table(OrchestratorTable, data.get("orchestrator", {}), f"{path}: [orchestrator]")
         broker_table = from_table(BrokerTable, data.get("broker", {}), f"{path}: [broker]")
+        admission = from_table(AdmissionSettings, data.get("admission", {}), f"{path}: [admission]")
         if table.strategy not in STRATEGIES:
             raise ConfigError(f"{path}: [orchestrator] strategy: expected one of {', '.join(sorted(STRATEGIES))}, "
                               f"got {table.strategy!r}")  # fmt: skip
@@ -300,6 +303,7 @@ def _orchestrator_settings(args: argparse.Namespace) -> tuple[dict[str, Any], Br
     settings = {
         k: getattr(args, k) if getattr(args, k) is not None else conf.get(k, d) for k, d in _ORCH_DEFAULTS.items()
     }
+    settings["admission"] = admission
     broker = resolve_broker(flag=args.broker, table=broker_table, source=path)
     prefix = args.prefix or broker_table.prefix
     return settings, broker, prefix
@@ -323,7 +327,7 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
         async with Orchestrator(
             broker, topics=Topics(prefix), orchestrator_id=conf["id"], strategy=conf["strategy"],
             model_parser=model_parser, db_path=conf["db"], summarize=bool(conf["summarize"]),
-            site=conf["site"], site_costs=parse_site_costs(conf["site_costs"]),
+            site=conf["site"], site_costs=parse_site_costs(conf["site_costs"]), admission=conf["admission"],
         ):  # fmt: skip
             print(
                 f"orchestrator {conf['id']} ({conf['strategy']}, {parser_name} parser) on {broker.describe()}",
@@ -475,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Accept tasks on <prefix>/tasks/submit, plan them from the CMS, dispatch, answer. "
                        "Settings come from --config (TOML: [broker] and [orchestrator] tables), overridden by flags.")  # fmt: skip
     p.add_argument("--config", help="TOML file with [broker] (url, username, password_file) and [orchestrator] "
-                   "(id, strategy, classifier, model, db, summarize)")  # fmt: skip
+                   "(id, strategy, classifier, model, db, summarize), [admission] (limits, queues, client_rate, "
+                   "cloud_budget, ...: docs/reliability.md)")  # fmt: skip
     p.add_argument("--broker", default=None, help="broker URL mqtt://[user:pass@]host:port (default from --config, "
                    "else EDGECOOP_BROKER or mqtt://127.0.0.1:1883)")  # fmt: skip
     p.add_argument("--prefix", default=None, help=f"topic namespace prefix (default {DEFAULT_PREFIX})")

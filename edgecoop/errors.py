@@ -17,6 +17,8 @@
     │   ├── NoAgentError                                discovery found no agent able to serve
     │   └── AgentWentOffline                            the agent's Last Will arrived during the request
     ├── StepFailed                                      a plan step found no agent that served it
+    │   └── CloudBudgetExceeded                         the cloud spend or call budget of the window is used up
+    ├── Overloaded                                      a submission refused at once: a bounded queue, share or rate
     ├── CapabilityError                                 a handler cannot serve this input
     ├── A2AError                                        an A2A (JSON-RPC) request refused, with its JSON-RPC code
     └── DependencyMissing(EdgecoopError, ImportError)   an optional extra is not installed
@@ -32,11 +34,13 @@ __all__ = [
     "AgentWentOffline",
     "BrokerError",
     "CapabilityError",
+    "CloudBudgetExceeded",
     "ConfigError",
     "ConnectError",
     "DependencyMissing",
     "EdgecoopError",
     "NoAgentError",
+    "Overloaded",
     "PayloadTooLarge",
     "PublishRejected",
     "RemoteError",
@@ -184,3 +188,28 @@ class StepFailed(EdgecoopError):
     """A plan step could not be served by any agent (after re-dispatch); the task fails with this reason."""
 
     code = "step_failed"
+
+
+class CloudBudgetExceeded(StepFailed):
+    """The cloud budget (spend or calls per window) does not allow another cloud call; the message names the
+    budget. ``retry_after_s``: when the window frees enough for one more call."""
+
+    code = "cloud_budget"
+
+    def __init__(self, message: str, *, retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Overloaded(EdgecoopError):
+    """A task submission refused at once, before it took any queue place: a bounded queue or a client's share of
+    it is full, or the client's rate limit is reached. ``limit`` names which (``intake``, ``client_rate``,
+    ``pending``, ``understanding``, ``queue:<tier>``, ``share:<tier>``); ``retry_after_s`` is a hint for the
+    client."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, *, limit: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.retry_after_s = retry_after_s

@@ -188,6 +188,9 @@ class CapabilityInfo:
     cooperation: str = "computation"  # data | computation | knowledge
     #: the worker pool this capability also serves (``<prefix>/pool/<pool>``), "" for none
     pool: str = ""
+    #: requests the agent serves at once on this capability (its config's ``max_concurrency``); 0 = not declared.
+    #: The orchestrator's bulkheads size themselves from it (edgecoop.orchestrator.admission).
+    max_concurrency: int = 0
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CapabilityInfo:
@@ -203,6 +206,7 @@ class CapabilityInfo:
             _str_list(d, "tags", w),
             coop,
             _ident(pool, f"{w}.pool") if pool else "",
+            max(0, _opt(d, "max_concurrency", int, 0, w)),
         )
 
     def to_dict(self) -> dict[str, Any]:

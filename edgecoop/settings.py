@@ -298,4 +298,4 @@ class OrchestratorTable:
 
 
 #: the tables an orchestrator file may have
-ORCHESTRATOR_TABLES = {"orchestrator": "table", "broker": "table"}
+ORCHESTRATOR_TABLES = {"orchestrator": "table", "broker": "table", "admission": "table"}

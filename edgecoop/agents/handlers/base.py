@@ -65,6 +65,7 @@ class Handler:
             tags=self.spec.tags,
             cooperation=self.cooperation,
             pool=self.spec.pool,
+            max_concurrency=self.spec.max_concurrency,
         )
 
     def models(self) -> list[ModelInfo]:
