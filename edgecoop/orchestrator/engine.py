@@ -2,8 +2,8 @@
 deadlines, re-dispatch, aggregate, and escalate to the cloud only what is public, open and general.
 
 A question about the edge's own world (its modalities, places, knowledge) is answered at the edge, refused with the
-reason, or asked back; it never goes to the cloud. Transport-agnostic apart from the :class:`~edgecoop.rpc.Requester`
-it dispatches through; the MQTT service around it is :mod:`edgecoop.orchestrator.service`.
+reason, or asked back; it never goes to the cloud. It sees the world through two seams (:mod:`.seams`): a directory
+of agents and a dispatcher; the MQTT service around it is :mod:`edgecoop.orchestrator.service`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from edgecoop.cms.discovery import DiscoveryQuery, Match
-from edgecoop.cms.mirror import CmsMirror
 from edgecoop.cms.sites import SiteCosts
 from edgecoop.errors import AgentWentOffline, BrokerError, CloudBudgetExceeded, RequestError, StepFailed, TopicError
 from edgecoop.orchestrator.compose import Answer
@@ -32,10 +31,10 @@ from edgecoop.orchestrator.operations import (
 from edgecoop.orchestrator.parser import FastParser, Parser, privacy_of
 from edgecoop.orchestrator.plans import Plan, Step, cloud_plan, slm_plan
 from edgecoop.orchestrator.relevance import rank_declared
+from edgecoop.orchestrator.seams import Directory, Dispatcher
 from edgecoop.orchestrator.spec import Operation, TaskSpec, strictest
 from edgecoop.orchestrator.strategies import Strategy
 from edgecoop.orchestrator.vocabulary import Vocabulary
-from edgecoop.rpc import Requester
 from edgecoop.wire import encode
 from edgecoop.worker import Worker
 
@@ -135,8 +134,8 @@ def _refusal(text: str, spec: TaskSpec | None, privacy: str, *, decision: str = 
 class Engine:
     def __init__(
         self,
-        mirror: CmsMirror,
-        requester: Requester,
+        mirror: Directory,
+        requester: Dispatcher,
         parser: Parser | None = None,
         *,
         model_parser: Parser | None = None,
@@ -510,7 +509,7 @@ def _pool(card: Mapping[str, Any], cap: str) -> str:
     return next((str(c.get("pool") or "") for c in card.get("capabilities", []) if c.get("name") == cap), "")
 
 
-async def _watch_any_offline(mirror: CmsMirror, agent_ids: Sequence[str]) -> None:
+async def _watch_any_offline(mirror: Directory, agent_ids: Sequence[str]) -> None:
     """Return when the CMS marks any of ``agent_ids`` offline (never, for none)."""
 
     def offline(store: Any) -> bool:
@@ -536,7 +535,7 @@ async def _unless_offline(request: asyncio.Future[Any], watch: asyncio.Future[No
                 await t
 
 
-async def _watch_offline(mirror: CmsMirror, agent_id: str) -> None:
+async def _watch_offline(mirror: Directory, agent_id: str) -> None:
     """Return when the CMS marks ``agent_id`` offline (its Last Will, or a clean exit)."""
 
     def offline(store: Any) -> bool:
