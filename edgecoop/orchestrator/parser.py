@@ -49,6 +49,9 @@ def _best(words: Sequence[str], name: str, phrases: set[Phrase] | Sequence[Phras
 
 
 def _has(words: Sequence[str], phrases: Sequence[Phrase], *, fuzzy: bool = False) -> bool:
+    if not fuzzy:
+        present = set(words)
+        phrases = [p for p in phrases if p and (p[0] in present or len(p) == 2)]  # (a 2-word phrase may be glued)
     return any(find_phrase(words, p, fuzzy=fuzzy) >= 0 for p in phrases)
 
 

@@ -6,6 +6,7 @@ word order; vocabulary phrases are matched against them token by token.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -49,6 +50,7 @@ def _edits(a: str, b: str, limit: int) -> int:
     return prev[-1]
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def similar(word: str, target: str) -> bool:
     """Same word up to inflection or a typo: one edit from 5 letters on, two from 9; a plural 's' is free."""
     if word == target or word.replace(".", "") == target.replace(".", ""):  # "pm2.5" is the modality "pm25"
@@ -68,8 +70,14 @@ def match_phrase(words: Sequence[str], phrase: Sequence[str], *, fuzzy: bool = T
     n = len(phrase)
     if n == 0:
         return None
+    first = phrase[0]
     for i in range(len(words) - n + 1):
-        if all((words[i + k] == phrase[k]) or (fuzzy and similar(words[i + k], phrase[k])) for k in range(n)):
+        w = words[i]
+        if w != first and not (fuzzy and similar(w, first)):
+            continue  # most phrases fail on their first word: no generator, no loop
+        if n == 1 or all(
+            (words[i + k] == phrase[k]) or (fuzzy and similar(words[i + k], phrase[k])) for k in range(1, n)
+        ):
             return i, n
     if n == 2:
         glued = phrase[0] + phrase[1]
