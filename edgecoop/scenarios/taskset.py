@@ -118,8 +118,14 @@ def _sensor(cfg: Mapping[str, Any], modality: str) -> dict[str, Any] | None:
     return None
 
 
+#: terms of a pattern beyond its configured amplitude: the heart rate's circadian swing (4 bpm) and respiratory
+#: sinus arrhythmia (1.5 bpm) come on top of its wander (edgecoop.agents.handlers.sensor, the world's generator)
+_PATTERN_SWING = {"heart_rate": 4.0 + 1.5}
+
+
 def _tol(s: Mapping[str, Any]) -> float:
-    return float(s.get("amplitude", 0)) + 4 * float(s.get("noise", 0)) + 0.5
+    swing = _PATTERN_SWING.get(str(s.get("pattern", "")), 0.0)
+    return float(s.get("amplitude", 0)) + swing + 4 * float(s.get("noise", 0)) + 0.5
 
 
 _OPEN = [
