@@ -58,3 +58,14 @@ def test_cards_are_valid_varied_and_reproducible():
     assert {k.kind for c in cards for k in c.capabilities} >= {"vision", "sensor", "slm", "knowledge"}
     for card in cards[:50]:
         assert CapabilityCard.from_dict(json.loads(json.dumps(card.to_dict()))) == card
+
+
+def test_tasks_quick_run_serves_every_task_through_the_cli_processes():
+    """Agent and orchestrator as separate CLI processes, MQTT clients submitting reads: nothing lost."""
+    from edgecoop.benchmarks import tasks
+
+    result = tasks.main(_args())
+    json.dumps(result)
+    assert result["answered"] > 0 and result["lost"] == 0 and result["not_done"] == 0, result
+    assert result["tasks_per_s"] > 0 and result["p99_ms"] >= result["p50_ms"] > 0
+    assert 0 < result["orchestrator_cpu"] <= 2.5 and result["raw_rps"] > 0

@@ -1,0 +1,153 @@
+"""``edgecoop bench tasks``: how many tasks per second one orchestrator serves, and how fast.
+
+A private Mosquitto; a sensor agent (``scenarios/urban/agents/air-park.toml``) and the orchestrator each in their own
+process, started with the CLI as an operator would; N MQTT task clients in this process, each keeping a window of
+tasks in flight, submit a simple edge task (a sensor read) for a fixed time. Reported: tasks/s, p50/p99 latency
+(submission to answer, as the client sees it), tasks lost (submitted, never answered), the orchestrator's CPU
+(user + system seconds per wall second, from /proc), and beside it, in the same run, ``bench rpc``'s raw paho
+request/response rate: the ceiling no orchestrated task can beat on this broker and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "run"]
+
+QUESTION = "What is the PM2.5 level at City Park?"
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))] if s else 0.0
+
+
+async def _load(port: int, prefix: str, *, clients: int, window: int, seconds: float) -> dict[str, Any]:
+    from edgecoop.connection import BrokerSettings
+    from edgecoop.taskclient import TaskClient
+    from edgecoop.topics import Topics
+
+    settings = BrokerSettings(port=port)
+    topics = Topics(prefix)
+    latencies: list[float] = []
+    submitted = answered = failed = 0
+    errors: list[str] = []
+    stop_at = 0.0
+
+    async def worker(client: TaskClient, w: int) -> None:
+        nonlocal submitted, answered, failed
+        i = 0
+        while time.monotonic() < stop_at:
+            i += 1
+            submitted += 1
+            t0 = time.monotonic()
+            try:
+                r = await client.submit(QUESTION, task_id=f"{client.client_id}-{w}-{i}", timeout=30)
+            except Exception as exc:  # counted as lost: no answer is the failure this benchmark measures
+                errors.append(repr(exc))
+                continue
+            latencies.append(time.monotonic() - t0)
+            answered += 1
+            failed += r.get("state") != "done"
+
+    tcs = [TaskClient(settings, topics=topics, client_id=f"bench-{c}") for c in range(clients)]
+    for tc in tcs:
+        await tc.__aenter__()
+    try:
+        await tcs[0].wait_for_orchestrator(timeout=30)
+        for _ in range(20):  # warm-up until the agent answers (its card may arrive after the orchestrator's)
+            r = await tcs[0].submit(QUESTION, timeout=30)
+            if r.get("state") == "done":
+                break
+            await asyncio.sleep(0.2)
+        stop_at = time.monotonic() + seconds
+        t0 = time.monotonic()
+        await asyncio.gather(*(worker(tc, w) for tc in tcs for w in range(window)))
+        wall = time.monotonic() - t0
+    finally:
+        for tc in tcs:
+            await tc.__aexit__(None, None, None)
+    return {
+        "latencies": latencies,
+        "submitted": submitted,
+        "answered": answered,
+        "failed": failed,
+        "wall": wall,
+        "errors": errors[:5],
+    }
+
+
+def run(*, clients: int = 8, window: int = 8, seconds: float = 10.0, quick: bool = False) -> dict[str, Any]:
+    from edgecoop.benchmarks.rpc import RpcParams
+    from edgecoop.benchmarks.rpc import run as run_rpc
+    from edgecoop.broker import MosquittoProcess
+    from edgecoop.scenarios.data import data_root
+
+    if quick:
+        clients, window, seconds = 4, 4, 3.0
+    prefix = "benchtasks/v1"
+    agent_toml = data_root() / "urban" / "agents" / "air-park.toml"
+    exe = [sys.executable, "-m", "edgecoop.cli"]
+    with MosquittoProcess() as broker:
+        url = f"mqtt://127.0.0.1:{broker.port}"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        agent = subprocess.Popen([*exe, "agent", str(agent_toml), "--broker", url, "--prefix", prefix],
+                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        profile = os.environ.get("EDGECOOP_BENCH_PROFILE")  # a file: the orchestrator runs under cProfile
+        prof = [sys.executable, "-m", "cProfile", "-o", profile, "-m", "edgecoop.cli"] if profile else exe
+        orch = subprocess.Popen([*prof, "orchestrator", "--broker", url, "--prefix", prefix, "--db", ":memory:"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            cpu0, t0 = _cpu_seconds(orch.pid), time.monotonic()
+            m = asyncio.run(_load(broker.port, prefix, clients=clients, window=window, seconds=seconds))
+            cpu = (_cpu_seconds(orch.pid) - cpu0) / (time.monotonic() - t0)
+        finally:
+            for p in (orch, agent):
+                p.terminate()
+            for p in (orch, agent):
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    rpc = run_rpc(RpcParams.quick())
+    lat = m["latencies"]
+    result: dict[str, Any] = {
+        "benchmark": "tasks",
+        "tasks_per_s": round(m["answered"] / m["wall"], 1) if m["wall"] else 0.0,
+        "p50_ms": round(statistics.median(lat) * 1000, 2) if lat else None,
+        "p99_ms": round(_pct(lat, 99) * 1000, 2) if lat else None,
+        "lost": m["submitted"] - m["answered"],
+        "not_done": m["failed"],
+        "answered": m["answered"],
+        "first_errors": m["errors"],
+        "orchestrator_cpu": round(cpu, 3),  # cores busy, on average (1.0 = one core)
+        "raw_rps": rpc["raw_rps"],
+        "ours_rps": rpc["ours_rps"],
+        "targets": {"tasks_per_s_min": 1000, "p99_ms_max": 50, "lost": 0},
+        "params": {"clients": clients, "window": window, "seconds": seconds, "question": QUESTION},
+    }
+    return result
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    from edgecoop.benchmarks.rpc import machine_info
+
+    r = run(quick=bool(getattr(args, "quick", False)))
+    r["machine"] = machine_info()
+    print(f"tasks/s {r['tasks_per_s']}  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  lost {r['lost']}  "
+          f"orchestrator CPU {r['orchestrator_cpu']:.2f} cores  (raw paho request/response {r['raw_rps']}/s)")  # fmt: skip
+    return r
