@@ -344,7 +344,7 @@ class FastParser:
                 continue
             before = words[max(0, i - 5) : i]
             after = words[i + 1] if i + 1 < len(words) else ""
-            if any(b in ("last", "past", "previous", "line", "bus") for b in before[-2:]) or after in lex.window_units:
+            if any(b in ("last", "past", "previous") for b in before[-2:]) or after in lex.window_units:
                 continue
             if any(b in ("limit", "threshold", "over", "above", "below", "under", "exceed", "exceeds", "than", "of",
                          "beyond", "max", "maximum", "minimum", "min") for b in before):  # fmt: skip

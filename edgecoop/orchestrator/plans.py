@@ -13,7 +13,6 @@ from typing import Any
 __all__ = ["Plan", "Step", "cloud_plan", "slm_plan"]
 
 Results = Mapping[str, Any]
-VITALS = ("heart_rate", "spo2", "temperature")
 
 
 @dataclass(frozen=True)
