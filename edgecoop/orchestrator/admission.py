@@ -731,6 +731,8 @@ class Admission:
         self._pending_by: Counter[str] = Counter()
         self.active: set[str] = set()  # task ids admitted and not finished: a re-send is not a new task
         self.peak_active = 0
+        self._idle = asyncio.Event()  # nothing pending, nothing admitted
+        self._idle.set()
         self.parser_process = ParserProcess()
 
     def close(self) -> None:
@@ -777,6 +779,7 @@ class Admission:
         self.pending += 1
         self._pending_by[client] += 1
         self.peak_pending = max(self.peak_pending, self.pending)
+        self._idle.clear()
         return ticket
 
     def done_pending(self, client: str) -> None:
@@ -784,6 +787,18 @@ class Admission:
         self._pending_by[client] -= 1
         if self._pending_by[client] <= 0:
             del self._pending_by[client]
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if not self.pending and not self.active:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until nothing is being understood or run (True), or ``timeout`` passes (False)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        return self._idle.is_set()
 
     # -- understanding ---------------------------------------------------------------------------------------
     async def understand(
@@ -837,12 +852,18 @@ class Admission:
         except Overloaded as exc:
             raise self._refuse(exc) from None
         self.counters[f"admitted_{tier}"] += 1
+        self.hold(task_id)
+        return ticket
+
+    def hold(self, task_id: str) -> None:
+        """``task_id`` runs (admitted now, or recovered after a restart): its re-sends are not new tasks."""
         self.active.add(task_id)
         self.peak_active = max(self.peak_active, len(self.active))
-        return ticket
+        self._idle.clear()
 
     def finished(self, task_id: str) -> None:
         self.active.discard(task_id)
+        self._check_idle()
 
     async def follow(self, mirror: CmsMirror, every_s: float = 1.0) -> None:
         """Keep the tiers' limits at the online agents' declared capacity (run in the owner's task group)."""

@@ -200,7 +200,7 @@ class Orchestrator:
             await self.mirror.sync()
             for rec in await self._worker.run(self.store.unfinished):
                 self.counters["recovered"] += 1
-                self.admission.active.add(rec["task_id"])  # admitted before the restart: its re-sends wait for it
+                self.admission.hold(rec["task_id"])  # admitted before the restart: its re-sends wait for it
                 self._start(rec["task_id"], rec["request"], _route_from_record(rec))
         except BaseException:
             await self._stack.aclose()
