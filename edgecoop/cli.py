@@ -268,7 +268,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # -- orchestrator and tasks ---------------------------------------------------------------------------
 _ORCH_DEFAULTS: dict[str, Any] = {
     "id": "orchestrator", "strategy": "capability-aware", "classifier": "rule", "model": "smollm2-135m",
-    "db": "tasks.db", "summarize": False, "site": None, "site_costs": {},
+    "db": "tasks.db", "summarize": False, "site": None, "site_costs": {}, "privacy": None,
 }  # fmt: skip
 
 
@@ -328,6 +328,7 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
             broker, topics=Topics(prefix), orchestrator_id=conf["id"], strategy=conf["strategy"],
             model_parser=model_parser, db_path=conf["db"], summarize=bool(conf["summarize"]),
             site=conf["site"], site_costs=parse_site_costs(conf["site_costs"]), admission=conf["admission"],
+            privacy_policy=conf["privacy"],
         ):  # fmt: skip
             print(
                 f"orchestrator {conf['id']} ({conf['strategy']}, {parser_name} parser) on {broker.describe()}",
@@ -491,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", default=None, choices=["rule", "slm"], help="rule (default) or slm classifier")
     p.add_argument("--model", default=None, help="model for the slm classifier (default smollm2-135m)")
     p.add_argument("--db", default=None, help="SQLite file for task states and results (default tasks.db)")
+    p.add_argument("--privacy", default=None, choices=["public", "site", "private"],
+                   help="privacy floor of every task (a health hub: private); default: derived per task")  # fmt: skip
     p.add_argument("--summarize", action="store_true", default=None, help="add an SLM summary step to pipelines")
     p.add_argument("--site", default=None, help="this orchestrator's site: its agents first, others over the bridges")
     p.add_argument("--site-cost", dest="site_costs", action="append", default=None, metavar="SITE=COST",

@@ -295,6 +295,8 @@ class OrchestratorTable:
     site: str | None = None
     #: network cost of reaching other sites, ``{ district-2 = 1, cloud = 10 }``
     site_costs: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: the privacy floor of every task this orchestrator runs (a health hub: "private"); unset = derived per task
+    privacy: Literal["public", "site", "private"] | None = None
 
 
 #: the tables an orchestrator file may have

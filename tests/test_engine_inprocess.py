@@ -170,3 +170,10 @@ async def test_a_general_question_escalates_and_the_cloud_only_baseline_sends_wo
     assert r["tier"] == "cloud"  # the baseline plays a deployment without the edge
     r, d = await _ask(world, "What is the NO2 level at Harbour Gate?", "capability-aware")
     assert r["tier"] == "edge" and "cloud" not in _kinds(world, d)
+
+
+async def test_a_private_site_policy_keeps_even_general_questions_off_the_cloud(world):
+    """A health hub runs with privacy = "private": its policy is the floor of every task."""
+    r, d = await _ask(world, "Who wrote Hamlet?", "cloud-only", policy="private")
+    assert r["tier"] == "none" and r["privacy"] == "private" and "not sent to the cloud" in r["answer"]
+    assert "cloud" not in _kinds(world, d)
