@@ -92,11 +92,11 @@ def world() -> tuple[list[CapabilityCard], dict[str, Any]]:
 
 
 async def _ask(
-    world: Any, question: str, strategy: str = "capability-aware", **kw: Any
+    world: Any, question: str, strategy: str = "capability-aware", *, policy: str | None = None, **kw: Any
 ) -> tuple[dict[str, Any], AnswerDispatcher]:
     cards, configs = world
     dispatcher = AnswerDispatcher(configs)
-    engine = Engine(StoreDirectory(cards), dispatcher)
+    engine = Engine(StoreDirectory(cards), dispatcher, policy=policy)
 
     async def emit(_state: str, _extra: Mapping[str, Any]) -> None:
         return None
