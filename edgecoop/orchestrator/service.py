@@ -342,7 +342,9 @@ class Orchestrator:
         refusing never waits for the broker; a lost refusal is an unanswered submission: the client re-sends)."""
         if (fut := self._waiters.get(waiter or task_id or "")) is not None and not fut.done():
             fut.set_result(rejection(task_id, exc))
-        if route is not None and not self.admission.refusals.put((route, task_id, exc)):
+        # a fresh, never raised copy: the caught one's traceback holds the frames, and with them the submission
+        fresh = Overloaded(str(exc), limit=exc.limit, retry_after_s=exc.retry_after_s)
+        if route is not None and not self.admission.refusals.put((route, task_id, fresh)):
             self.counters["refusals_dropped"] += 1
 
     async def _send_refusals(self) -> None:
