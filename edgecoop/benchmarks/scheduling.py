@@ -2,8 +2,8 @@
 
 Per strategy: fraction of tasks that used the cloud, correctness against the labelled expectations, p50/p95
 latency, cloud cost, privacy violations (private tasks that reached the cloud tier) and payload bytes sent to
-the cloud. Offline, the cloud tier is the reference stand-in (answers from the labelled references with a
-fixed latency and cost): the output says so. With EDGECOOP_CLOUD_URL set, a real endpoint is used instead.
+the cloud. Offline, the cloud tier is the reference stand-in (general knowledge only: open questions answered from
+their labelled references, no access to the edge's live data, a fixed latency and cost): the output says so. With EDGECOOP_CLOUD_URL set, a real endpoint is used instead.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ async def run(*, quick: bool = False, strategies: list[str] | None = None, concu
             "agents": [a.agent_id for a in agents],
             "skipped_agents": skipped,
             "cloud_tier": ("real endpoint " + real_cloud) if real_cloud else (
-                f"reference stand-in: answers from the labelled reference answers, {cloud_latency_ms:.0f} ms, "
+                f"reference stand-in: open, general questions answered from their labelled references; no access to "
+                f"the edge's data ('I have no access to that data', scored wrong), {cloud_latency_ms:.0f} ms, "
                 f"${cloud_cost} per call (offline; not a real LLM)"),
             "strategies": {},
             "params": {"quick": quick, "concurrency": concurrency, "cloud_latency_ms": cloud_latency_ms,
