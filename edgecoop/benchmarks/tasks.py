@@ -112,9 +112,14 @@ def run(*, clients: int = 8, window: int = 8, seconds: float = 10.0, quick: bool
         orch = subprocess.Popen([*prof, "orchestrator", "--broker", url, "--prefix", prefix, "--db", ":memory:"],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         try:
-            cpu0, t0 = _cpu_seconds(orch.pid), time.monotonic()
+            pids = {"orchestrator": orch.pid, "agent": agent.pid, "broker": broker.pid or 0}
+            cpu0 = {k: _cpu_seconds(p) for k, p in pids.items()}
+            own0, t0 = time.process_time(), time.monotonic()
             m = asyncio.run(_load(broker.port, prefix, clients=clients, window=window, seconds=seconds))
-            cpu = (_cpu_seconds(orch.pid) - cpu0) / (time.monotonic() - t0)
+            wall = time.monotonic() - t0
+            cpus = {k: (_cpu_seconds(p) - cpu0[k]) / wall for k, p in pids.items()}
+            cpus["clients"] = (time.process_time() - own0) / wall
+            cpu = cpus["orchestrator"]
         finally:
             for p in (orch, agent):
                 p.terminate()
@@ -135,6 +140,7 @@ def run(*, clients: int = 8, window: int = 8, seconds: float = 10.0, quick: bool
         "answered": m["answered"],
         "first_errors": m["errors"],
         "orchestrator_cpu": round(cpu, 3),  # cores busy, on average (1.0 = one core)
+        "cpu_by_process": {k: round(v, 3) for k, v in cpus.items()},  # where the machine's two cores went
         "raw_rps": rpc["raw_rps"],
         "ours_rps": rpc["ours_rps"],
         "targets": {"tasks_per_s_min": 1000, "p99_ms_max": 50, "lost": 0},
@@ -150,4 +156,5 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     r["machine"] = machine_info()
     print(f"tasks/s {r['tasks_per_s']}  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  lost {r['lost']}  "
           f"orchestrator CPU {r['orchestrator_cpu']:.2f} cores  (raw paho request/response {r['raw_rps']}/s)")  # fmt: skip
+    print("cores busy by process: " + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_by_process"].items()))
     return r

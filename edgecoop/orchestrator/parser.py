@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -84,11 +85,33 @@ _NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
 
 
 class FastParser:
-    """Lexical matching of the question against the live vocabulary."""
+    """Lexical matching of the question against the live vocabulary.
+
+    Pure for a given question, privacy and vocabulary version, so the last ``cache_size`` results are kept: the
+    same question asked again (a dashboard, an automation) costs a dictionary look-up until a card's words change.
+    """
 
     name = "fast"
 
+    def __init__(self, cache_size: int = 4096) -> None:
+        self._cache: OrderedDict[tuple[str, str | None, int, int], TaskSpec] = OrderedDict()
+        self._cache_size = cache_size
+        self.cache_hits = 0
+
     def parse(self, question: str, vocab: Vocabulary, *, privacy: str | None = None) -> TaskSpec:
+        key = (question, privacy, id(vocab), vocab.version)
+        spec = self._cache.get(key)
+        if spec is not None:
+            self._cache.move_to_end(key)
+            self.cache_hits += 1
+            return spec
+        spec = self._parse(question, vocab, privacy=privacy)
+        self._cache[key] = spec
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return spec
+
+    def _parse(self, question: str, vocab: Vocabulary, *, privacy: str | None = None) -> TaskSpec:
         lex = lexicon()
         words = tokens(question)
         personal = personal_content(words, lex) or privacy == "private"

@@ -122,6 +122,7 @@ class Vocabulary:
         self.groups: dict[Phrase, set[str]] = {}
         self.vision = False
         self.version = 0
+        self._fingerprint = 0
 
     # -- learning ----------------------------------------------------------------------------------------------
     def update(self, cards: Mapping[str, Mapping[str, Any]]) -> None:
@@ -129,7 +130,24 @@ class Vocabulary:
             if isinstance(card, Mapping) and card.get("capabilities"):
                 self._learn(card)
         self._alias_places()
-        self.version += 1
+        # the version moves only when what the parser can match moved (a card's load changes often, its words not)
+        fingerprint = hash(repr(self._content()))
+        if fingerprint != self._fingerprint:
+            self._fingerprint = fingerprint
+            self.version += 1
+
+    def _content(self) -> tuple[Any, ...]:
+        return (
+            sorted(
+                (m, q.unit, q.label, sorted(q.phrases), sorted(q.places.items()), sorted(q.domains))
+                for m, q in self.quantities.items()
+            ),
+            sorted((p.name, sorted(p.phrases), sorted(p.kinds), p.privacy) for p in self.places.values()),
+            sorted((k.agent_id, sorted(k.terms), sorted(k.domains), k.privacy) for k in self.knowledge.values()),
+            sorted((p, sorted(c)) for p, c in self.cameras.items()),
+            sorted((g, sorted(m)) for g, m in self.groups.items()),
+            self.vision,
+        )
 
     def _learn(self, card: Mapping[str, Any]) -> None:
         caps = [c for c in card.get("capabilities", []) if isinstance(c, Mapping)]
