@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -91,7 +93,9 @@ async def _load(port: int, prefix: str, *, clients: int, window: int, seconds: f
     }
 
 
-def run(*, clients: int = 8, window: int = 8, seconds: float = 10.0, quick: bool = False) -> dict[str, Any]:
+def run(
+    *, clients: int = 8, window: int = 8, seconds: float = 10.0, quick: bool = False, agent_concurrency: int = 64
+) -> dict[str, Any]:
     from edgecoop.benchmarks.rpc import RpcParams
     from edgecoop.benchmarks.rpc import run as run_rpc
     from edgecoop.broker import MosquittoProcess
@@ -100,7 +104,15 @@ def run(*, clients: int = 8, window: int = 8, seconds: float = 10.0, quick: bool
     if quick:
         clients, window, seconds = 4, 4, 3.0
     prefix = "benchtasks/v1"
-    agent_toml = data_root() / "urban" / "agents" / "air-park.toml"
+    # the scenario's station declares max_concurrency 8, and the orchestrator's bulkhead honours it: that would
+    # measure the agent's declaration, not the orchestrator; the benchmark's copy declares 64
+    source = (data_root() / "urban" / "agents" / "air-park.toml").read_text()
+    workdir = Path(tempfile.mkdtemp(prefix="edgecoop-bench-tasks-"))
+    agent_toml = workdir / "air-park.toml"
+    agent_toml.write_text(source.replace("max_concurrency = 8", f"max_concurrency = {agent_concurrency}"))
+    # likewise the per-client rate limit (50/s by default) would measure the limiter: off for this benchmark
+    orch_toml = workdir / "orchestrator.toml"
+    orch_toml.write_text("[admission]\nclient_rate = 0\n")
     exe = [sys.executable, "-m", "edgecoop.cli"]
     with MosquittoProcess() as broker:
         url = f"mqtt://127.0.0.1:{broker.port}"
@@ -109,7 +121,8 @@ def run(*, clients: int = 8, window: int = 8, seconds: float = 10.0, quick: bool
                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         profile = os.environ.get("EDGECOOP_BENCH_PROFILE")  # a file: the orchestrator runs under cProfile
         prof = [sys.executable, "-m", "cProfile", "-o", profile, "-m", "edgecoop.cli"] if profile else exe
-        orch = subprocess.Popen([*prof, "orchestrator", "--broker", url, "--prefix", prefix, "--db", ":memory:"],
+        orch = subprocess.Popen([*prof, "orchestrator", "--config", str(orch_toml), "--broker", url, "--prefix", prefix,
+                                 "--db", ":memory:"],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         try:
             pids = {"orchestrator": orch.pid, "agent": agent.pid, "broker": broker.pid or 0}
@@ -128,6 +141,7 @@ def run(*, clients: int = 8, window: int = 8, seconds: float = 10.0, quick: bool
                     p.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     p.kill()
+            shutil.rmtree(workdir, ignore_errors=True)
     rpc = run_rpc(RpcParams.quick())
     lat = m["latencies"]
     result: dict[str, Any] = {
@@ -144,7 +158,13 @@ def run(*, clients: int = 8, window: int = 8, seconds: float = 10.0, quick: bool
         "raw_rps": rpc["raw_rps"],
         "ours_rps": rpc["ours_rps"],
         "targets": {"tasks_per_s_min": 1000, "p99_ms_max": 50, "lost": 0},
-        "params": {"clients": clients, "window": window, "seconds": seconds, "question": QUESTION},
+        "params": {
+            "clients": clients,
+            "window": window,
+            "seconds": seconds,
+            "question": QUESTION,
+            "agent_max_concurrency": agent_concurrency,
+        },
     }
     return result
 
