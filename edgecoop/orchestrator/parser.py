@@ -174,6 +174,12 @@ class FastParser:
             return replace(base, unknown=f"no agent{at} measures that; known quantities: "
                            f"{', '.join(sorted(q.name for q in vocab.quantities.values()))}")  # fmt: skip
         if (quantities or objects) and not place_names:
+            # "at home" when two places have "home" in their names: which one is not ours to guess
+            shared = {w: sorted(p.name for p in vocab.places.values() if w in tokens(p.name)) for w in set(words)}
+            shared = {w: ps for w, ps in shared.items() if len(ps) >= 2 and w not in lex.stopwords}
+            if shared:
+                w, options = sorted(shared.items())[0]
+                return replace(base, ask=f"Which {w} do you mean: {', '.join(options)}?", options=tuple(options))
             loose = self._loose_unknown(words, spans, vocab)
             if loose:
                 return replace(base, unknown=f"no agent is at a place called {loose!r}; known places: "
@@ -207,6 +213,8 @@ class FastParser:
                 if len(cams) != 1:
                     return replace(base, ask=f"Which camera: {', '.join(cams)}?", options=tuple(cams))
                 where = cams
+            if len(where) >= 2:  # two cameras named: a comparison of counts, which the edge does not plan (refused)
+                return replace(base, operation=Operation.COMPARE, targets=tuple(Target(obj, p) for p in where))
             op = Operation.CHECK if check and not _has(words, lex.operations["count"]) else Operation.COUNT
             if op is Operation.COUNT and check and _has(words, _phrases_of(lex, "congest")):
                 op = Operation.CHECK
