@@ -23,9 +23,9 @@ notes, "Head-of-line blocking under load"). A submission goes through these stag
    ``read``: they are answered at once.
 4. **Bulkhead** of that tier: a running slot (``limits``; for vision, slm and cloud also capped by the sum of the
    online agents' declared ``max_concurrency`` for that kind) or a place in its queue (``queues``), else an
-   immediate refusal. So a full cloud queue never delays an edge read: they never share a slot or a queue. While others
-   wait, freed slots go round-robin across clients, and one client may hold at most ``client_share`` of a
-   tier's slots and of its queue.
+   immediate refusal. So a full cloud queue never delays an edge read: they never share a slot or a queue.
+   While others wait, freed slots go round-robin across clients, and one client may hold at most
+   ``client_share`` of a tier's slots and of its queue.
 5. **The cloud gate** (consulted by the engine, :class:`CloudBudget`): at most ``cloud_max_concurrent`` cloud
    calls at once, whichever path leads there (strategy, cascade escalation); every call is charged before it is
    sent, at the cloud agent's declared ``cost.per_call`` (or the cost it last reported, when it declares
@@ -42,11 +42,14 @@ invents a new identity per message escapes its own rate limit, never the tier bo
 
 **Memory bound.** What a flood can make the orchestrator hold is bounded by counts, whatever its size:
 ``intake_queue`` messages of at most ``intake_bytes`` together waiting to be decoded, ``refusal_queue`` refusals
-waiting to be sent (a reply topic, a task id and the reason each), ``max_pending``
-submissions being understood, plus ``sum(limits) + sum(queues)`` admitted tasks (468 with the
-defaults), plus ``max_clients`` token buckets (about 200 bytes each), plus the parser child (started at the first
-long question). A refused submission holds nothing once its QoS 0 refusal is written. :meth:`Admission.stats`
-reports the peaks.
+waiting to be sent (a reply topic, a task id and the reason each), ``max_pending`` submissions being understood,
+``sum(limits) + sum(queues)`` admitted tasks (468 with the defaults; about 15 KB each when queued),
+``max_clients`` token buckets (about 200 bytes each), and the parser child (started at the first long question).
+A refused submission holds nothing once its QoS 0 refusal is written. :meth:`Admission.stats` reports the peaks.
+
+The intake and the refusal sender run on the event loop as background loops paced by :class:`Pacer` (at most
+about a fifth of the loop under a flood), so that reading the connection (agents' replies) and running tasks come
+first.
 """
 
 from __future__ import annotations
@@ -81,11 +84,16 @@ if TYPE_CHECKING:
     from edgecoop.rpc import ReplyContext
 
 __all__ = [
+    "LOCAL",
     "TIERS",
     "Admission",
     "AdmissionSettings",
     "Bulkhead",
     "CloudBudget",
+    "IntakeQueue",
+    "Outbox",
+    "Pacer",
+    "ParserProcess",
     "RateLimiter",
     "Ticket",
     "client_of",
@@ -135,11 +143,11 @@ class AdmissionSettings:
     intake_bytes: int = 16 * 1024 * 1024
     #: refusals waiting to be sent (beyond: dropped unanswered, counted as ``refusals_dropped``)
     refusal_queue: int = 8192
-    #: submissions being understood at once (on the loop, on the worker, or by the model parser)
+    #: submissions being understood at once (on the loop, in the parser process, or by the model parser)
     max_pending: int = 256
-    #: questions longer than this are understood on a worker thread, not on the event loop
+    #: questions longer than this are understood in the parser child process, not on the event loop
     inline_chars: int = 200
-    #: long questions waiting for the understanding worker
+    #: long questions waiting for the parser process
     understanding_queue: int = 16
     #: cloud calls in flight at once, whichever way they are reached
     cloud_max_concurrent: int = 8
@@ -804,7 +812,7 @@ class Admission:
     async def understand(
         self, engine: Engine, question: str, privacy: str | None, ticket: Ticket | None, timeout: float
     ) -> TaskSpec:
-        """The typed spec: on the loop for a short question, on the worker for a long one (``ticket`` from
+        """The typed spec: on the loop for a short question, in the parser process for a long one (``ticket`` from
         :meth:`intake`); then the engine's model parser when the fast parser was unsure."""
         if ticket is None:
             spec = engine.parser.parse(question, await engine.vocabulary(), privacy=privacy)
