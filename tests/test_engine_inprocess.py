@@ -5,10 +5,9 @@ answers like the agents would. Plans, routes, refusals and answers in millisecon
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,12 +82,13 @@ class AnswerDispatcher:
 
 
 @pytest.fixture(scope="module")
-def world() -> tuple[list[CapabilityCard], dict[str, Any]]:
-    os.environ.setdefault("EDGECOOP_CLOUD_URL", "http://127.0.0.1:9")  # the cloud card is built, never called
+def world() -> Iterator[tuple[list[CapabilityCard], dict[str, Any]]]:
     files = [*sorted(data_root().glob("*/agents/*.toml")), *sorted((ROOT / "agents" / "examples").glob("*.toml"))]
-    configs = {c.agent_id: c for c in (load_agent_config(f) for f in files)}
-    cards = [Agent(c).card() for c in configs.values()]
-    return cards, configs
+    with pytest.MonkeyPatch.context() as mp:  # the cloud card is built, never called; the variable does not leak
+        mp.setenv("EDGECOOP_CLOUD_URL", "http://127.0.0.1:9")
+        configs = {c.agent_id: c for c in (load_agent_config(f) for f in files)}
+        cards = [Agent(c).card() for c in configs.values()]
+    yield cards, configs
 
 
 async def _ask(
