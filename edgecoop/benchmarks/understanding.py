@@ -361,14 +361,13 @@ def _compare_all(items: list[dict[str, Any]], vocab: Any) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    import os
-    import platform
-
     splits = tuple(s for s in ("dev", "test") if getattr(args, "split", None) in (None, s))
     quick = bool(getattr(args, "quick", False))
     result = asyncio.run(run(splits=splits, model=bool(getattr(args, "model_parser", False)),
                              limit=10 if quick else None, compare=not quick))  # fmt: skip
-    result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    from edgecoop.benchmarks.rpc import machine_info
+
+    result["machine"] = machine_info()  # with the load and the commit that ran
     for split in splits:
         if split in result:
             r = result[split]
