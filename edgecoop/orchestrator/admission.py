@@ -47,9 +47,9 @@ waiting to be sent (a reply topic, a task id and the reason each), ``max_pending
 ``max_clients`` token buckets (about 200 bytes each), and the parser child (started at the first long question).
 A refused submission holds nothing once its QoS 0 refusal is written. :meth:`Admission.stats` reports the peaks.
 
-The intake and the refusal sender run on the event loop as background loops paced by :class:`Pacer` (at most
-about a fifth of the loop under a flood), so that reading the connection (agents' replies) and running tasks come
-first.
+The intake and the refusal sender run on the event loop as background loops paced by :class:`Pacer` (with a
+backlog of more than 64, i.e. under a flood, about a fifth of the loop), so that reading the connection (agents'
+replies) and running tasks come first.
 """
 
 from __future__ import annotations
@@ -396,23 +396,27 @@ class IntakeQueue:
 
 
 class Pacer:
-    """Time-slicing for a background loop on the event loop (the intake, the refusal sender): after ``work_s`` of
-    back-to-back items it rests ``rest_s``, so that under a flood it takes at most about a fifth of the loop and
-    running tasks and agents' replies keep their turn; otherwise it only yields between items."""
+    """Time-slicing for a background loop on the event loop (the intake, the refusal sender). With a backlog of more
+    than ``backlog`` items (a flood) it rests ``rest_s`` after each ``work_s`` of back-to-back items, so that it
+    takes about a fifth of the loop and reading the connection (agents' replies) and running tasks come first;
+    otherwise it only yields between items, and a busy but normal load is not slowed."""
 
-    def __init__(self, work_s: float = 0.001, rest_s: float = 0.004) -> None:
+    def __init__(self, work_s: float = 0.001, rest_s: float = 0.004, backlog: int = 64) -> None:
         self.work_s = work_s
         self.rest_s = rest_s
+        self.backlog = backlog
         self._since = time.monotonic()
         self.rests = 0
 
-    async def pace(self) -> None:
+    async def pace(self, backlog: int) -> None:
         now = time.monotonic()
-        if now - self._since >= self.work_s:
+        if backlog > self.backlog and now - self._since >= self.work_s:
             self.rests += 1
             await asyncio.sleep(self.rest_s)
             self._since = time.monotonic()
         else:
+            if backlog <= self.backlog:
+                self._since = now
             await asyncio.sleep(0)
 
     def idle(self) -> None:

@@ -233,7 +233,7 @@ class Orchestrator:
             await self._refuse(None, reply_context(message, self.topics, any_topic=True), exc)
 
     async def _intake(self) -> None:
-        pacer = Pacer()  # replies and running tasks get the loop between submissions, and half of it in a flood
+        pacer = Pacer()  # replies and running tasks get the loop between submissions, and most of it in a flood
         while True:
             if not self.admission.received.items:
                 pacer.idle()
@@ -242,7 +242,7 @@ class Orchestrator:
                 await self._on_submission(message)
             except Exception:  # as Connection._dispatch: a bug in one submission must not stop the intake
                 log.exception("orchestrator: submission on %s failed", message.topic)
-            await pacer.pace()
+            await pacer.pace(self.admission.received.items)
 
     async def _on_submission(self, message: Message) -> None:
         route = reply_context(message, self.topics, any_topic=True)
@@ -359,7 +359,7 @@ class Orchestrator:
             except EdgecoopError as exc2:
                 self.counters["reply_failed"] += 1
                 log.debug("orchestrator: refusal to %s not sent: %s", route.response_topic, exc2)
-            await pacer.pace()
+            await pacer.pace(len(self.admission.refusals))
 
     def _start(self, task_id: str, sub: Mapping[str, Any], route: ReplyContext | None, ticket: Ticket | None = None,
                understood: TaskSpec | None = None, parse_ms: float = 0.0) -> None:  # fmt: skip
