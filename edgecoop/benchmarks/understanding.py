@@ -338,7 +338,8 @@ def _compare_all(items: list[dict[str, Any]], vocab: Any) -> dict[str, Any]:
     """fast alone; fast with the model when unsure; the model on every question (SmolLM2-135M, grammar-bound)."""
     from edgecoop.orchestrator import FastParser
 
-    fast = FastParser()
+    # each configuration gets its own parser with the cache off: a shared or warm cache would time look-ups
+    fast = FastParser(cache_size=0)
     parsers: dict[str, Any] = {"fast": fast.parse}
     try:
         from edgecoop.models import resolve_model
@@ -349,8 +350,10 @@ def _compare_all(items: list[dict[str, Any]], vocab: Any) -> dict[str, Any]:
         return {"fast": compare_parsers(items, vocab, parsers)["fast"], "model_skipped": str(exc)}
     try:
 
+        first = FastParser(cache_size=0)
+
         def fast_then_model(q: str, v: Any) -> Any:
-            spec = fast.parse(q, v)
+            spec = first.parse(q, v)
             return model.parse(q, v) if spec.confidence < 0.6 else spec
 
         parsers["fast+model(smollm2-135m)"] = fast_then_model

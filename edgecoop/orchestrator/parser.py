@@ -106,9 +106,10 @@ class FastParser:
             self.cache_hits += 1
             return spec
         spec = self._parse(question, vocab, privacy=privacy)
-        self._cache[key] = spec
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        if self._cache_size:
+            self._cache[key] = spec
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
         return spec
 
     def _parse(self, question: str, vocab: Vocabulary, *, privacy: str | None = None) -> TaskSpec:
