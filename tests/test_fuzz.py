@@ -362,6 +362,7 @@ _CLASSES = {"card": CapabilityCard, "status": Status, "request": Request, "respo
 
 
 @pytest.mark.parametrize("name", list(PARSERS))
+@pytest.mark.timeout(240)  # about 20 s each on an idle 2-core machine; three times that under load
 def test_message_parsers_survive_hostile_maps(name, record_property):
     parse, base, _ = PARSERS[name]
     bases = [_BASES[base]] + ([_BASES["error_response"]] if base == "response" else [])
