@@ -349,7 +349,6 @@ def _compare_all(items: list[dict[str, Any]], vocab: Any) -> dict[str, Any]:
     except Exception as exc:  # the llm extra or the model is missing: the fast parser alone, and say so
         return {"fast": compare_parsers(items, vocab, parsers)["fast"], "model_skipped": str(exc)}
     try:
-
         first = FastParser(cache_size=0)
 
         def fast_then_model(q: str, v: Any) -> Any:
