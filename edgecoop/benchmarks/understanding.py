@@ -24,7 +24,6 @@ import hashlib
 import json
 import statistics
 import time
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -377,6 +376,3 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                   f"answer {r['answer']:.3f}  private->cloud {r['private_to_cloud_count']}  "
                   f"parse p50 {r['parse_p50_ms']:.2f} ms p95 {r['parse_p95_ms']:.2f} ms")  # fmt: skip
     return result
-
-
-_ = tomllib  # the cards' TOML is read through the agent configs

@@ -60,9 +60,7 @@ class ModelParser:
             places = " | ".join([_lit("none"), *(_lit(p) for p in sorted(vocab.places))])
             gbnf = (
                 'root ::= "{\\"op\\": \\"" op "\\", \\"quantity\\": \\"" mod "\\", \\"place\\": \\"" place "\\"}"\n'
-                f"op ::= {_alts(ops)}\n"
-                f"mod ::= {_alts(mods)}\n"
-                f"place ::= {_alts(places)}\n"
+                f"op ::= {ops}\nmod ::= {mods}\nplace ::= {places}\n"
             )
             self._grammar = LlamaGrammar.from_string(gbnf, verbose=False)
             self._version = vocab.version
@@ -86,12 +84,8 @@ class ModelParser:
         modality = d.get("quantity") if d.get("quantity") != "none" else None
         place = d.get("place") if d.get("place") != "none" else None
         personal = personal_content(tokens(question)) or privacy == "private"
-        if op is Operation.OPEN or modality is None:
-            if fast.operation is not Operation.OPEN:
-                return replace(fast, parser=self.name)
-            # the model cannot make an open question general knowledge: that stays the fast parser's judgement
-            return replace(fast, parser=self.name)
-        if op in (Operation.LOOKUP, Operation.SUMMARISE):
+        # open questions (general or not), look-ups and summaries stay the fast parser's judgement
+        if modality is None or op in (Operation.OPEN, Operation.LOOKUP, Operation.SUMMARISE):
             return replace(fast, parser=self.name)
         if place is not None and place not in vocab.providers(modality) and modality in vocab.quantities:
             return replace(fast, unknown=f"no agent at {place} measures {vocab.quantities[modality].name}",
@@ -101,8 +95,3 @@ class ModelParser:
 
     def close(self) -> None:
         self._llm.close()
-
-
-def _alts(alts: str) -> str:
-    """GBNF alternatives of JSON-quoted literals, escaped for use inside the JSON string the grammar emits."""
-    return alts

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from edgecoop.orchestrator.spec import Limit, Operation, Target, TaskSpec, strictest
-from edgecoop.orchestrator.text import find_phrase, match_phrase, normalise, similar, tokens
+from edgecoop.orchestrator.text import find_phrase, match_phrase, similar, tokens
 from edgecoop.orchestrator.vocabulary import Lexicon, Phrase, Vocabulary, lexicon
 
 __all__ = ["FastParser", "Parser", "personal_content"]
@@ -512,6 +512,3 @@ def privacy_of(spec: TaskSpec, vocab: Vocabulary, *, policy: str | None = None) 
     elif spec.operation is Operation.LOOKUP:  # a fan-out touches every knowledge agent: the strictest counts
         classes.extend(k.privacy for k in vocab.knowledge.values())
     return strictest(*classes)
-
-
-_ = normalise  # re-exported for parsers built on this one
