@@ -106,7 +106,7 @@ def test_fast_parser_on_the_understanding_dev_split(monkeypatch):
 
     from edgecoop.agents import Agent
     from edgecoop.agents.config import load_agent_config
-    from edgecoop.benchmarks.understanding import load_eval, ops_slots_exact
+    from edgecoop.benchmarks.understanding import compare_parsers, load_eval
     from edgecoop.orchestrator import FastParser
     from edgecoop.orchestrator.vocabulary import Vocabulary
     from edgecoop.scenarios.data import data_root
@@ -118,18 +118,8 @@ def test_fast_parser_on_the_understanding_dev_split(monkeypatch):
     vocab = Vocabulary()
     vocab.update({(a := Agent(load_agent_config(f))).agent_id: a.card().to_dict() for f in files})
     items = [i for i in load_eval() if i["split"] == "dev"]
-    parser = FastParser()
-    exact = route = 0
-    for it in items:
-        s = parser.parse(it["question"], vocab)
-        r = (
-            "refuse"
-            if s.unknown or s.ask or (s.operation.value == "open" and not (s.general and not s.personal))
-            else ("cloud" if s.operation.value == "open" else "edge")
-        )
-        exact += ops_slots_exact(it, s.to_dict(), r)
-        route += r == it["route"]
-    assert exact / len(items) >= 0.8 and route / len(items) >= 0.85, (exact / len(items), route / len(items))
+    r = compare_parsers(items, vocab, {"fast": FastParser().parse})["fast"]["dev"]
+    assert r["ops_slots_exact"] >= 0.8 and r["route"] >= 0.85, r
 
 
 async def test_scheduling_benchmark_quick_meets_the_targets():

@@ -288,12 +288,7 @@ class FastParser:
                                                                  and words[h.start - 1] not in vocab_words(vocab))
             or (words[h.start].endswith("s") and not h.exact)))]  # fmt: skip
         # a longer match wins where two overlap ("Old Town Square" over an alias word of another place)
-        hits.sort(key=lambda h: (-h.length, not h.exact, h.start))
-        kept: list[_Hit] = []
-        for h in hits:
-            if not any(_overlaps(h, k) for k in kept):
-                kept.append(h)
-        return kept
+        return _dedupe(hits)
 
     def _unknown_place(self, question: str, words: Sequence[str], spans: Sequence[_Hit], vocab: Vocabulary) -> str:
         lex = lexicon()
@@ -483,7 +478,7 @@ def _asks_for_rule(words: Sequence[str]) -> bool:
 
 
 def _dedupe(hits: list[_Hit]) -> list[_Hit]:
-    """Overlapping quantity matches: the longer phrase wins ("heart rate" over "rate")."""
+    """Of overlapping matches the longer (then the exact, then the earlier) wins: "heart rate" over "rate"."""
     hits = sorted(hits, key=lambda h: (-h.length, not h.exact, h.start))
     kept: list[_Hit] = []
     for h in hits:
