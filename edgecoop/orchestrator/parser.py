@@ -285,7 +285,7 @@ class FastParser:
         # "which station", "the air stations": a kind of place, not the one place whose alias the word is
         hits = [h for h in hits if not (h.length == 1 and (
             (h.start > 0 and words[h.start - 1] in generic) or (h.start > 1 and words[h.start - 2] in generic
-                                                                 and words[h.start - 1] not in vocab_words(vocab))
+                                                                 and words[h.start - 1] not in vocab.place_words)
             or (words[h.start].endswith("s") and not h.exact)))]  # fmt: skip
         # a longer match wins where two overlap ("Old Town Square" over an alias word of another place)
         return _dedupe(hits)
@@ -293,7 +293,7 @@ class FastParser:
     def _unknown_place(self, question: str, words: Sequence[str], spans: Sequence[_Hit], vocab: Vocabulary) -> str:
         lex = lexicon()
         covered = {i for h in spans for i in range(h.start, h.start + h.length)}
-        known_words = {w for p in vocab.places.values() for ph in p.phrases for w in ph}
+        known_words = vocab.place_words
         single = {h.start for h in spans if h.length == 1}
         for i, w in enumerate(words):
             if (i in covered and i not in single) or w not in lex.place_heads or i == 0:
@@ -325,7 +325,7 @@ class FastParser:
         for m in re.finditer(pattern, question):
             name = [n for n in tokens(m.group(1)) if n not in lex.stopwords]
             unknown = [n for n in name if not any(similar(n, k) for k in known_words)]
-            vocab_q = {w for q in vocab.quantities.values() for p in q.phrases for w in p}
+            vocab_q = vocab.quantity_words
             if unknown and name[0] not in lex.not_places and not any(n in vocab_q for n in unknown):
                 return m.group(1)
         return ""
@@ -334,8 +334,7 @@ class FastParser:
         """'in the bathroom': a lower-case word after at/in/near that names no place, quantity or time."""
         lex = lexicon()
         covered = {i for h in spans for i in range(h.start, h.start + h.length)}
-        known = vocab_words(vocab) | {w for q in vocab.quantities.values() for p in q.phrases for w in p}
-        known |= {w for q in vocab.quantities.values() for w in tokens(q.unit)}  # "in µg/m³", "in dB(A)"
+        known = vocab.place_words | vocab.quantity_words | vocab.unit_words  # units: "in µg/m³", "in dB(A)"
         for i, w in enumerate(words[:-1]):
             if w not in ("at", "in", "near", "inside", "outside"):
                 continue
@@ -462,10 +461,6 @@ _RULE_WORDS = tuple(
         "safe",
     )
 )
-
-
-def vocab_words(vocab: Vocabulary) -> set[str]:
-    return {w for p in vocab.places.values() for ph in p.phrases for w in ph}
 
 
 def _phrases_of(lex: Lexicon, stem: str) -> list[Phrase]:

@@ -123,6 +123,9 @@ class Vocabulary:
         self.vision = False
         self.version = 0
         self._fingerprint = 0
+        self.place_words: set[str] = set()
+        self.quantity_words: set[str] = set()
+        self.unit_words: set[str] = set()
 
     # -- learning ----------------------------------------------------------------------------------------------
     def update(self, cards: Mapping[str, Mapping[str, Any]]) -> None:
@@ -130,6 +133,10 @@ class Vocabulary:
             if isinstance(card, Mapping) and card.get("capabilities"):
                 self._learn(card)
         self._alias_places()
+        # word sets the parser consults on every question: derived here, once per update, not per question
+        self.place_words = {w for p in self.places.values() for ph in p.phrases for w in ph}
+        self.quantity_words = {w for q in self.quantities.values() for ph in q.phrases for w in ph}
+        self.unit_words = {w for q in self.quantities.values() for w in tokens(q.unit)}
         # the version moves only when what the parser can match moved (a card's load changes often, its words not)
         fingerprint = hash(repr(self._content()))
         if fingerprint != self._fingerprint:
