@@ -155,7 +155,8 @@ class FastParser:
 
         covered_q = {i for h in quantities for i in range(h.start + 1, h.start + h.length)}  # "vehicles/min"
         agg, window_s = self._agg_window([w if i not in covered_q else "" for i, w in enumerate(words)], lex)
-        limit = self._limit(words, spans, lex)
+        percent = any(vocab.quantities[h.name].unit.strip() == "%" for h in quantities)
+        limit = self._limit(words, spans, lex, percent=percent)
         yes_no = bool(words) and words[0] in ("is", "are", "am", "was", "does", "do", "has", "have")
         check = _has(words, lex.operations["check"]) or limit is not None or "too" in words
         check = check or (yes_no and bool(quantities) and not _has(words, lex.operations["compare"]))
@@ -348,7 +349,15 @@ class FastParser:
         return ""
 
     def _agg_window(self, words: Sequence[str], lex: Lexicon) -> tuple[str, int]:
-        agg = next((a for a, phs in lex.aggregations.items() if _has(words, phs)), "latest")
+        # "5 min" is a window, not the minimum; "pm2.5 i mean" is not the mean
+        masked = [
+            ""
+            if i and ((w in lex.window_units and _NUMBER.match(words[i - 1])) or (w == "mean" and words[i - 1] in
+                                                                                  ("i", "you", "we")))
+            else w
+            for i, w in enumerate(words)
+        ]  # fmt: skip
+        agg = next((a for a, phs in lex.aggregations.items() if _has(masked, phs)), "latest")
         window_s = 0
         for i, w in enumerate(words[:-1]):
             if w in ("last", "past", "previous") and i + 2 < len(words) + 1:
@@ -362,7 +371,7 @@ class FastParser:
             agg = "mean"
         return agg, window_s
 
-    def _limit(self, words: Sequence[str], spans: Sequence[_Hit], lex: Lexicon) -> Limit | None:
+    def _limit(self, words: Sequence[str], spans: Sequence[_Hit], lex: Lexicon, *, percent: bool) -> Limit | None:
         covered = {i for h in spans for i in range(h.start, h.start + h.length)}
         words = [str(lex.numbers.get(w, w)) for w in words]
         for i, w in enumerate(words):
@@ -372,9 +381,13 @@ class FastParser:
             after = words[i + 1] if i + 1 < len(words) else ""
             if any(b in ("last", "past", "previous") for b in before[-2:]) or after in lex.window_units:
                 continue
-            if any(b in ("limit", "threshold", "over", "above", "below", "under", "exceed", "exceeds", "than", "of",
-                         "beyond", "max", "maximum", "minimum", "min") for b in before):  # fmt: skip
+            if any(b in lex.limit_cues for b in before):
                 return Limit(float(w))
+        if percent:  # "more than half full", "three quarters full": a share of a percentage
+            for ph, value in sorted(lex.fractions.items(), key=lambda kv: -len(kv[0])):
+                at = find_phrase(words, ph, fuzzy=False)
+                if at > 0 and any(b in lex.limit_cues for b in words[max(0, at - 3) : at]):
+                    return Limit(float(value))
         return None
 
     def _place_for(

@@ -15,6 +15,16 @@ __all__ = ["find_phrase", "match_phrase", "normalise", "similar", "tokens"]
 
 _QUOTES = str.maketrans({"‘": "'", "’": "'", "“": '"', "”": '"', "´": "'", "`": "'", "μ": "u", "µ": "u"})
 _SUFFIXES = frozenset({"s", "es", "est", "er", "ers", "ness", "y", "ing", "ed", "d", "iest", "ier", "ly"})
+_DECIMAL_COMMA = re.compile(r"(?<=\d),(?=\d(?!\d\d(?!\d)))")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d\d\d(?!\d))")
+_COMPARATORS = (
+    (">=", " at least "),
+    ("<=", " at most "),
+    ("≥", " at least "),
+    ("≤", " at most "),
+    (">", " above "),
+    ("<", " below "),
+)
 _TOKEN = re.compile(r"[a-z0-9]+(?:[.'][a-z0-9]+)*")
 
 
@@ -23,6 +33,10 @@ def normalise(text: str) -> str:
     t = unicodedata.normalize("NFKC", text).translate(_QUOTES)
     t = "".join(ch for ch in unicodedata.normalize("NFKD", t) if not unicodedata.combining(ch))
     t = re.sub(r"(?<=\w)'s\b", "", t.lower())  # possessive: "the harbour's" is the harbour
+    t = _DECIMAL_COMMA.sub(".", t)  # "pm2,5", "12,5": a decimal comma (a comma before three digits groups thousands)
+    t = _THOUSANDS.sub("", t)
+    for sym, word in _COMPARATORS:  # "NO2 > 45?": the symbol is the user's limit
+        t = t.replace(sym, word)
     return " ".join(t.split())
 
 

@@ -45,6 +45,8 @@ class Lexicon:
     not_places: frozenset[str]
     place_heads: frozenset[str]
     numbers: dict[str, int]
+    limit_cues: frozenset[str]
+    fractions: dict[Phrase, float]
 
 
 def _phrases(items: Iterable[str]) -> tuple[Phrase, ...]:
@@ -71,6 +73,8 @@ def lexicon() -> Lexicon:
         not_places=frozenset(data["places"]["not_places"]),
         place_heads=frozenset(data["places"]["heads"]),
         numbers={str(k): int(v) for k, v in data["numbers"].items()},
+        limit_cues=frozenset(data["limits"]["cues"]),
+        fractions={tuple(tokens(k)): float(v) for k, v in data["limits"]["fractions"].items()},
     )
 
 
