@@ -10,14 +10,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from edgecoop import __version__
 from edgecoop.connection import BrokerSettings
 from edgecoop.errors import ConfigError, EdgecoopError
-from edgecoop.settings import DEFAULT_BROKER, resolve_broker
+from edgecoop.settings import DEFAULT_BROKER, resolve_broker, resolve_metrics
 from edgecoop.topics import DEFAULT_PREFIX, Topics
 
 __all__ = ["main"]
@@ -45,6 +45,40 @@ def _add_broker_args(p: argparse.ArgumentParser) -> None:
         "EDGECOOP_CERT_FILE, EDGECOOP_KEY_FILE)",
     )
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"topic namespace prefix (default {DEFAULT_PREFIX})")
+
+
+def _add_metrics_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (0 = a free port; default: env "
+                   "EDGECOOP_METRICS_PORT, else not served)")  # fmt: skip
+    p.add_argument(
+        "--metrics-host",
+        default=None,
+        metavar="HOST",
+        help="address of the metrics endpoint (default: env EDGECOOP_METRICS_HOST, else 127.0.0.1)",
+    )
+
+
+@contextlib.contextmanager
+def _serve_metrics(args: argparse.Namespace, register: Callable[[Any], None]) -> Iterator[None]:
+    """Serve /metrics on its own thread while the service runs, when --metrics-port (or the environment) asks."""
+    address = resolve_metrics(args.metrics_port, args.metrics_host)
+    if address is None:
+        yield
+        return
+    from edgecoop.metrics import Metrics
+
+    metrics = Metrics()
+    register(metrics)
+    host, port = address
+    with contextlib.ExitStack() as stack:
+        try:
+            bound = stack.enter_context(metrics.serve(port, host))
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} (choose another "
+                              "--metrics-port)") from exc  # fmt: skip
+        print(f"metrics on http://{host}:{bound}/metrics", flush=True)
+        yield
 
 
 # -- broker --------------------------------------------------------------------------------------------
@@ -128,8 +162,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
             print(f"agent {agent.agent_id} online at {config.broker.describe()}", flush=True)
             from edgecoop.systemd import notify_ready, watchdog_loop
 
-            notify_ready()
-            await asyncio.gather(agent.serve_forever(), watchdog_loop())
+            with _serve_metrics(args, agent.register_metrics):
+                notify_ready()
+                await asyncio.gather(agent.serve_forever(), watchdog_loop())
 
     return _run_async(run)
 
@@ -205,15 +240,21 @@ def cmd_cms_mirror(args: argparse.Namespace) -> int:
                   f"{broker.describe()}", flush=True)  # fmt: skip
             from edgecoop.systemd import notify_ready, watchdog_loop
 
-            notify_ready()
-            await watchdog_loop()
+            with _serve_metrics(args, mirror.register_metrics):
+                notify_ready()
+                await watchdog_loop()
 
     return _run_async(run)
 
 
 # -- dashboard -----------------------------------------------------------------------------------------
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from edgecoop.dashboard import Dashboard
+    try:
+        from edgecoop.dashboard import Dashboard
+    except ImportError as exc:  # the ASGI server is an extra
+        raise ConfigError(
+            f"the dashboard needs the dashboard extra: pip install 'edgecoop[dashboard]' ({exc})"
+        ) from exc
 
     broker = _broker(args)
 
@@ -329,15 +370,17 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
             model_parser=model_parser, db_path=conf["db"], summarize=bool(conf["summarize"]),
             site=conf["site"], site_costs=parse_site_costs(conf["site_costs"]), admission=conf["admission"],
             privacy_policy=conf["privacy"],
-        ):  # fmt: skip
+        ) as orch:  # fmt: skip
             print(
                 f"orchestrator {conf['id']} ({conf['strategy']}, {parser_name} parser) on {broker.describe()}",
                 flush=True,
             )
+            from edgecoop.orchestrator.metrics import register_orchestrator
             from edgecoop.systemd import notify_ready, watchdog_loop
 
-            notify_ready()
-            await watchdog_loop()
+            with _serve_metrics(args, lambda metrics: register_orchestrator(metrics, orch)):
+                notify_ready()
+                await watchdog_loop()
 
     return _run_async(run)
 
@@ -424,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="path to the agent's TOML file")
     p.add_argument("--broker", default=None, help="override the broker URL of the config")
     p.add_argument("--deregister", action="store_true", help="clear the agent's retained card and status, then exit")
+    _add_metrics_args(p)
     p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser("cms", help="query the Capability Metadata Store",
@@ -449,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Subscribe to all cards/status and keep a SQLite file in sync.")  # fmt: skip
     _add_broker_args(m)
     m.add_argument("--db", default="cms.db", help="SQLite file (default cms.db)")
+    _add_metrics_args(m)
     m.set_defaults(func=cmd_cms_mirror)
 
     p = sub.add_parser("a2a-gateway", help="expose every agent and the orchestrator as A2A-over-MQTT agents",
@@ -498,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", default=None, help="this orchestrator's site: its agents first, others over the bridges")
     p.add_argument("--site-cost", dest="site_costs", action="append", default=None, metavar="SITE=COST",
                    help="network cost of reaching another site (repeatable; unlisted sites cost 5, our own 0)")  # fmt: skip
+    _add_metrics_args(p)
     p.set_defaults(func=cmd_orchestrator)
 
     p = sub.add_parser("task", help="submit a task to the orchestrator and print the answer",

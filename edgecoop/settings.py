@@ -40,6 +40,7 @@ __all__ = [
     "from_table",
     "read_toml",
     "resolve_broker",
+    "resolve_metrics",
 ]
 
 T = TypeVar("T")
@@ -277,6 +278,26 @@ def resolve_broker(
         )
     except ConfigError as exc:
         raise ConfigError(f"broker URL from {origin}: {exc}") from exc
+
+
+# -- the metrics exporter of headless services ---------------------------------------------------------------
+def resolve_metrics(
+    port: int | None, host: str | None = None, env: Mapping[str, str] | None = None
+) -> tuple[str, int] | None:
+    """Where ``/metrics`` is served: ``--metrics-port`` (else EDGECOOP_METRICS_PORT; unset = not served) on
+    ``--metrics-host`` (else EDGECOOP_METRICS_HOST, else loopback: the numbers name agents and clients)."""
+    env = os.environ if env is None else env
+    if port is None:
+        raw = env.get("EDGECOOP_METRICS_PORT", "").strip()
+        if not raw:
+            return None
+        try:
+            port = int(raw)
+        except ValueError as exc:
+            raise ConfigError(f"EDGECOOP_METRICS_PORT: expected a port number, got {raw!r}") from exc
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"metrics port {port}: expected 0..65535 (0 = any free port)")
+    return (host or env.get("EDGECOOP_METRICS_HOST") or "127.0.0.1"), port
 
 
 # -- the orchestrator's file (``edgecoop orchestrator --config``) ------------------------------------------------

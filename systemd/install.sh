@@ -37,7 +37,7 @@
 #   6. systemd units into /etc/systemd/system, the mosquitto.service drop-in, daemon-reload, enable (start is yours)
 #
 # Environment: EDGECOOP_SRC (checkout; default the one holding this script), EDGECOOP_HOME (/opt/edgecoop),
-# EDGECOOP_EXTRAS (none), PYTHON (python3, must be >= 3.11), EDGECOOP_BROKER (hub: mqtt://127.0.0.1:<mqtt port>),
+# EDGECOOP_EXTRAS (hub: dashboard; agent node: none), PYTHON (python3, must be >= 3.11), EDGECOOP_BROKER (hub: mqtt://127.0.0.1:<mqtt port>),
 # EDGECOOP_TOPIC_PREFIX (edgecoop/v1), EDGECOOP_MQTT_PORT (1883), EDGECOOP_WS_PORT (9001),
 # EDGECOOP_TLS_PORT (8883), EDGECOOP_TLS_NAMES (extra names in the broker's certificate, comma-separated, e.g.
 # hub.example.org,192.168.1.10; default: the host name, <name>.local, localhost, 127.0.0.1, ::1 and this machine's
@@ -73,7 +73,7 @@ ROOT=${ROOT%/}
 # Final paths (what the units and config files say); every write goes to "$ROOT$path".
 HOME_DIR=${EDGECOOP_HOME:-/opt/edgecoop}
 VENV=$HOME_DIR/.venv
-EXTRAS=${EDGECOOP_EXTRAS:-}
+EXTRAS=${EDGECOOP_EXTRAS-__default__}
 PREFIX=${EDGECOOP_TOPIC_PREFIX:-edgecoop/v1}
 MQTT_PORT=${EDGECOOP_MQTT_PORT:-1883}
 WS_PORT=${EDGECOOP_WS_PORT:-9001}
@@ -323,6 +323,10 @@ if [ "$NO_SYSTEM" = 0 ]; then
 fi
 
 # -- 3. virtualenv ---------------------------------------------------------------------------------------------
+# the hub runs the dashboard (its ASGI server is an extra); an agent node needs no extra unless its handlers do
+if [ "$EXTRAS" = __default__ ]; then
+  if [ "$MODE" = agent ]; then EXTRAS=""; else EXTRAS=dashboard; fi
+fi
 mkdir -p "$ROOT$HOME_DIR"
 if [ "$NO_SYSTEM" = 0 ]; then
   [ -x "$ROOT$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$ROOT$VENV"; }

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from edgecoop.connection import BrokerSettings, Connection
 from edgecoop.dashboard import Dashboard, DashboardState, parse_task_event
@@ -104,7 +105,8 @@ async def http(
     """One raw HTTP/1.1 exchange (no client-side path normalisation, so traversal attempts reach the server)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(raw if raw is not None else f"{method} {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode("latin-1"))
+        request = f"{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode("latin-1")
+        writer.write(raw if raw is not None else request)
         await writer.drain()
         async with asyncio.timeout(5):
             data = await reader.read()
@@ -306,12 +308,13 @@ async def test_path_traversal_is_refused(dashboard, target):
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        (b"POST /api/state HTTP/1.1\r\n\r\n", 405),
-        (b"DELETE / HTTP/1.1\r\n\r\n", 405),
+        (b"POST /api/state HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 405),
+        (b"DELETE / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 405),
         (b"GET /\r\n\r\n", 400),
-        (b"GET http://evil/ HTTP/1.1\r\n\r\n", 400),
-        (b"GET /%ff%fe HTTP/1.1\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", 431),
+        (b"GET http://evil/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 400),
+        (b"GET /%ff%fe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 400),
+        # h11 refuses a head over 8 KiB (uvicorn answers every unparsable request with 400)
+        (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", 400),
     ],
 )
 async def test_malformed_requests_get_4xx(dashboard, raw, expected):
@@ -368,6 +371,25 @@ async def test_api_state_has_agents_readings_tasks_and_counts_bad_payloads(dashb
     assert task["classification"]["cooperation"] == ["data", "computation"]
     assert state["split"]["totals"] == {"edge": 1, "cloud": 0, "none": 0, "failed": 0}
     assert state["server"]["bad_payload"] == 6
+
+
+async def test_metrics_endpoint_exports_every_counter_in_prometheus_format(dashboard, publisher, topics):
+    await publisher.publish(topics.task_event("t-bad"), b"{not json")
+    await wait_state(dashboard.port, lambda s: s["server"].get("bad_payload") == 1)
+    assert (await http(dashboard.port, "/nope"))[0] == 404
+    status, headers, body = await http(dashboard.port, "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain; version=")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    me = (("id", dashboard.conn.client_id),)
+    assert got[("edgecoop_dashboard_bad_payload_total", me)] == 1
+    assert got[("edgecoop_dashboard_http_404_total", me)] == 1
+    assert got[("edgecoop_dashboard_http_requests_total", me)] >= 3
+    assert (
+        got[("edgecoop_dashboard_sse_clients", me)] == 0 and families["edgecoop_dashboard_sse_clients"].type == "gauge"
+    )
+    assert got[("edgecoop_mqtt_connects_total", (("component", "dashboard"), *me))] == 1
+    assert families["edgecoop_mqtt_messages"].type == "counter"
 
 
 async def test_deregistered_agent_disappears(dashboard, make_agent):
@@ -448,10 +470,10 @@ async def test_slow_sse_client_is_dropped_and_others_keep_streaming(settings, to
         slow = socket.socket()
         slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         slow.connect(("127.0.0.1", dash.port))
-        slow.sendall(b"GET /events HTTP/1.1\r\n\r\n")  # ... and never reads
+        slow.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")  # ... and never reads
         reader, writer = await asyncio.open_connection("127.0.0.1", dash.port)
         try:
-            writer.write(b"GET /events HTTP/1.1\r\n\r\n")
+            writer.write(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
             await read_sse_event(reader, "snapshot")
             async with asyncio.timeout(10):
                 await eventually(lambda: dash.statistics()["sse_clients"] == 2)
@@ -472,7 +494,7 @@ async def test_too_many_sse_clients_get_503(settings, topics):
     async with Dashboard(settings, topics, port=0, max_sse_clients=1) as dash:
         reader, writer = await asyncio.open_connection("127.0.0.1", dash.port)
         try:
-            writer.write(b"GET /events HTTP/1.1\r\n\r\n")
+            writer.write(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
             await read_sse_event(reader, "snapshot")
             assert (await http(dash.port, "/events"))[0] == 503
         finally:

@@ -25,6 +25,7 @@ from edgecoop.agents.outbox import Outbox
 from edgecoop.connection import Connection, Message, State
 from edgecoop.errors import ConfigError, EdgecoopError, TopicError, WireError
 from edgecoop.messages import CapabilityCard, Load, Request, Response, Status
+from edgecoop.metrics import Metrics
 from edgecoop.rpc import ReplyContext, Requester, reply_context
 from edgecoop.topics import Kind, ParsedTopic, Topics
 from edgecoop.wire import Format, decode, encode
@@ -220,6 +221,12 @@ class Agent:
             "connects": self.conn.counters.connects,
             "handler_errors": self.conn.counters.handler_errors,
         }
+
+    def register_metrics(self, metrics: Metrics) -> None:
+        """Export this agent's counters, its load and its connection's counters (``edgecoop_agent_*``)."""
+        metrics.add("agent", self.agent_id, counters=lambda: self.counters,
+                    gauges=lambda: {"queued": self._queued, "inflight": self._inflight})  # fmt: skip
+        metrics.add_connection("agent", self.agent_id, self.conn)
 
     # -- load republishing ---------------------------------------------------------------------------------
     def _load_changed(self) -> None:

@@ -20,6 +20,7 @@ from edgecoop.cms.store import CmsStore, Update
 from edgecoop.connection import BrokerSettings, Connection, Message, State
 from edgecoop.errors import EdgecoopError, TopicError, WireError
 from edgecoop.messages import CapabilityCard, Status
+from edgecoop.metrics import Metrics, numbers
 from edgecoop.topics import Kind, Topics
 from edgecoop.wire import decode
 from edgecoop.worker import Worker
@@ -89,6 +90,17 @@ class CmsMirror:
     @property
     def _barrier_topic(self) -> str:
         return self.topics.reply(self.client_id)
+
+    def register_metrics(self, metrics: Metrics, component: str = "cms") -> None:
+        """Export the mirror's counters and its store's (``edgecoop_cms_*``); with its own connection, that too."""
+        metrics.add(component, self.client_id,
+                    counters=lambda: {**self.counters, **{f"store_{k}": v for k, v in numbers(self._store_counters()).items()}},
+                    gauges=lambda: {"version": self.version})  # fmt: skip
+        if self._own_conn:
+            metrics.add_connection(component, self.client_id, self.conn)
+
+    def _store_counters(self) -> dict[str, int]:
+        return self.store.counters if self.store is not None else {}
 
     async def __aenter__(self) -> CmsMirror:
         if self.state is not State.NEW:

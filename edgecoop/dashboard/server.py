@@ -1,17 +1,21 @@
-"""The live dashboard: one MQTT connection feeding :class:`DashboardState`, served by a small stdlib HTTP server.
+"""The live dashboard: one MQTT connection feeding :class:`DashboardState`, served as an ASGI app (Starlette) by
+uvicorn, the event stream by sse-starlette (the ``dashboard`` extra).
 
-Routes (GET and HEAD only; every response closes its connection)::
+Routes (GET and HEAD only)::
 
     /, /index.html     the page (static/index.html)
     /static/<name>     one of the files of static/ (a fixed map built at start: no filesystem lookups per request)
     /api/state         JSON snapshot of the whole state
     /events            Server-Sent Events: ``snapshot`` first, then ``agent``, ``agent_removed``, ``task``,
                        ``reading``, ``split``, ``orchestrator``, ``orchestrator_removed`` and ``broker`` changes
+    /metrics           Prometheus text format: the dashboard's counters, and those of whatever else registered
+                       with its :class:`~edgecoop.metrics.Metrics` (the demo adds its agents and orchestrator)
 
-Drop policies: each SSE client has a queue of ``sse_queue_size`` events; a client that lets it fill up (or whose
-socket does not drain within ``drain_timeout`` seconds) is disconnected and counted in ``sse_dropped`` - the
-browser's EventSource reconnects and starts again from a fresh snapshot. At most ``max_sse_clients`` streams
-are open at once (503 beyond). Request heads are capped at 8 KiB and must arrive within ``header_timeout``.
+Drop policies: each SSE client has a queue of ``sse_queue_size`` events; a client that lets it fill up is dropped
+and counted in ``sse_dropped`` (its stream ends; the browser's EventSource reconnects and starts again from a fresh
+snapshot), and a connection whose socket does not drain within ``drain_timeout`` seconds is aborted. At most
+``max_sse_clients`` streams are open at once (503 beyond). Request heads are capped at 8 KiB (400 beyond) and must
+arrive within ``header_timeout`` (408). The request checks are in :mod:`edgecoop.dashboard.http`.
 """
 
 from __future__ import annotations
@@ -23,17 +27,27 @@ import enum
 import json
 import logging
 import mimetypes
+import socket
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+
+import uvicorn
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from edgecoop.connection import BrokerSettings, Connection, Message
+from edgecoop.dashboard.http import Guard, GuardedH11, error_body
 from edgecoop.dashboard.state import DashboardState, Event, parse_task_event
 from edgecoop.errors import TopicError, WireError
+from edgecoop.metrics import CONTENT_TYPE, Metrics
 from edgecoop.topics import Kind, Topics
 from edgecoop.wire import decode
 
@@ -43,22 +57,8 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 _MAX_HEAD = 8192
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    503: "Service Unavailable",
-}
-_SECURITY_HEADERS = (
-    "X-Content-Type-Options: nosniff\r\n"
-    "Referrer-Policy: no-referrer\r\n"
-    "X-Frame-Options: DENY\r\n"
-    "Content-Security-Policy: default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'\r\n"
-)
+_JSON = "application/json; charset=utf-8"
+_RETRY_MS = 2000  # how soon a browser reconnects a lost event stream
 
 
 class State(enum.Enum):
@@ -67,17 +67,18 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-class _HttpError(Exception):
-    def __init__(self, status: int, message: str = "") -> None:
-        super().__init__(message or _REASONS[status])
-        self.status = status
-
-
 @dataclass(eq=False)
 class _SseClient:
-    queue: asyncio.Queue[bytes]
-    writer: asyncio.StreamWriter
+    queue: asyncio.Queue[bytes | None]
     dropped: bool = False
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its signal handlers: the process that embeds the dashboard owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
 
 
 def _load_static(root: Path) -> dict[str, tuple[bytes, str]]:
@@ -94,6 +95,21 @@ def _load_static(root: Path) -> dict[str, tuple[bytes, str]]:
 
 def _json_bytes(data: object) -> bytes:
     return json.dumps(data, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a taken port is an OSError in ``__aenter__`` (uvicorn would exit)."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class Dashboard:
@@ -119,6 +135,7 @@ class Dashboard:
         keepalive_interval: float = 15.0,
         client_id: str | None = None,
         static_dir: Path = STATIC_DIR,
+        metrics: Metrics | None = None,
     ) -> None:
         self.topics = topics or Topics()
         self.host = host
@@ -135,10 +152,9 @@ class Dashboard:
         if "index.html" not in self._static:
             raise FileNotFoundError(f"dashboard page missing: {static_dir / 'index.html'}")
         self._clients: set[_SseClient] = set()
-        self._http_tasks: set[asyncio.Task[None]] = set()
         self._seq = 0
         self._tg: asyncio.TaskGroup | None = None
-        self._server: asyncio.Server | None = None
+        self._server: _Server | None = None
         self._stack = contextlib.AsyncExitStack()
         self._lifecycle = State.NEW
         client_id = client_id or f"dashboard-{uuid.uuid4().hex[:8]}"
@@ -157,6 +173,17 @@ class Dashboard:
             handler=self._on_message,
             clean_start=True,
         )
+        #: what /metrics exports; components running in the same process may add themselves (the demo does)
+        self.metrics = metrics or Metrics()
+        gauges = ("sse_clients", "http_connections", "agents", "tasks")
+        self.metrics.add(
+            "dashboard",
+            client_id,
+            counters=lambda: {k: v for k, v in self.statistics().items() if k not in gauges},
+            gauges=lambda: {k: v for k, v in self.statistics().items() if k in gauges},
+        )
+        self.metrics.add_connection("dashboard", client_id, self.conn)
+        self.app = self._build_app()
 
     @property
     def url(self) -> str:
@@ -169,11 +196,19 @@ class Dashboard:
             raise RuntimeError(f"Dashboard is {self._lifecycle.value}; create a new Dashboard to start again")
         self._lifecycle = State.RUNNING
         try:
+            sock = _listen(self.host, self._requested_port)
+            self._stack.callback(sock.close)  # last: uvicorn closes it when it stops; this is for a failed start
             self._tg = asyncio.TaskGroup()
             await self._stack.enter_async_context(self._tg)
+            self.port = int(sock.getsockname()[1])
+            self._server = _Server(self._uvicorn_config())
             self._stack.push_async_callback(self._close_http)
-            self._server = await asyncio.start_server(self._on_client, self.host, self._requested_port, limit=_MAX_HEAD)
-            self.port = int(self._server.sockets[0].getsockname()[1])
+            serving = self._tg.create_task(self._server.serve(sockets=[sock]), name=f"dashboard[{self.port}].http")
+            while not self._server.started:  # uvicorn says so by a flag; it is set within one loop iteration or two
+                if serving.done():
+                    serving.result()  # its error, e.g. an app that cannot load
+                    raise RuntimeError("the dashboard's HTTP server stopped while starting")
+                await asyncio.sleep(0.01)
             await self._stack.enter_async_context(self.conn)
             self.state.set_broker(True, self.conn.settings.url)
             watcher = self._tg.create_task(self._watch_broker(), name=f"dashboard[{self.port}].broker")
@@ -191,16 +226,26 @@ class Dashboard:
         self._lifecycle = State.CLOSED
         await self._stack.aclose()
 
+    def _uvicorn_config(self) -> uvicorn.Config:
+        return uvicorn.Config(
+            self.app,
+            http=GuardedH11.with_timeouts(self._header_timeout, self._drain_timeout),
+            ws="none",
+            lifespan="off",
+            log_config=None,  # the embedding process configures logging
+            access_log=False,
+            proxy_headers=False,
+            server_header=False,
+            h11_max_incomplete_event_size=_MAX_HEAD,
+            limit_concurrency=self._max_sse_clients + 64,  # streams plus page loads; 503 beyond
+            timeout_graceful_shutdown=2,
+        )
+
     async def _close_http(self) -> None:
+        for client in list(self._clients):
+            self._end_stream(client)
         if self._server is not None:
-            self._server.close()
-        for task in list(self._http_tasks):
-            task.cancel()  # the task group awaits them right after this callback
-        self._clients.clear()
-        if self._server is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2):
-                    await self._server.wait_closed()
+            self._server.should_exit = True  # its task (in the task group) finishes within a few ticks
 
     async def serve_forever(self) -> None:
         await asyncio.Event().wait()
@@ -216,11 +261,12 @@ class Dashboard:
             self.broadcast(self.state.set_broker(False, url))
 
     def statistics(self) -> dict[str, Any]:
+        server = self._server
         return {
             **self.counters,
             **{f"state_{k}": v for k, v in self.state.counters.items()},
             "sse_clients": len(self._clients),
-            "http_connections": len(self._http_tasks),
+            "http_connections": len(server.server_state.connections) if server is not None else 0,
             "agents": len(self.state.agents),
             "tasks": len(self.state.tasks),
             "mqtt_connects": self.conn.counters.connects,
@@ -268,7 +314,7 @@ class Dashboard:
             return  # nobody is watching: do not encode (a new client starts from a snapshot anyway)
         for name, data in events:
             self._seq += 1
-            chunk = b"id: %d\nevent: %s\ndata: %s\n\n" % (self._seq, name.encode(), _json_bytes(data))
+            chunk = ServerSentEvent(_json_bytes(data).decode(), event=name, id=str(self._seq), sep="\n").encode()
             for client in list(self._clients):
                 try:
                     client.queue.put_nowait(chunk)
@@ -278,157 +324,80 @@ class Dashboard:
     def _drop(self, client: _SseClient, why: str) -> None:
         if client.dropped:
             return
-        client.dropped = True
-        self._clients.discard(client)
         self.counters["sse_dropped"] += 1
         log.info("dashboard: dropping slow event-stream client (%s)", why)
-        client.writer.transport.abort()
+        # its stream ends as soon as it takes its next chunk; a socket that does not drain meanwhile is aborted
+        # after drain_timeout (GuardedH11)
+        self._end_stream(client)
+
+    def _end_stream(self, client: _SseClient) -> None:
+        client.dropped = True
+        self._clients.discard(client)
+        with contextlib.suppress(asyncio.QueueFull):
+            client.queue.put_nowait(None)  # wakes a stream waiting for its next event
 
     # -- HTTP ---------------------------------------------------------------------------------------------
-    def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._tg is None or self._lifecycle is not State.RUNNING:
-            writer.transport.abort()
-            return
-        task = self._tg.create_task(self._serve_http(reader, writer), name=f"dashboard[{self.port}].http")
-        self._http_tasks.add(task)
-        task.add_done_callback(self._http_tasks.discard)
-
-    async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            try:
-                method, path = await self._read_head(reader)
-                await self._route(method, path, writer)
-            except _HttpError as exc:
-                self.counters[f"http_{exc.status}"] += 1
-                body = _json_bytes({"error": str(exc), "status": exc.status})
-                extra = "Allow: GET, HEAD\r\n" if exc.status == 405 else ""
-                self._respond(writer, exc.status, body, "application/json; charset=utf-8", extra=extra)
-                await self._linger(reader, writer)
-            with contextlib.suppress(ConnectionError):
-                async with asyncio.timeout(self._drain_timeout):
-                    await writer.drain()
-        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError) as exc:
-            self.counters["http_aborted"] += 1
-            log.debug("dashboard: http client gone: %r", exc)
-        except Exception:
-            # a bug in one response must not end the dashboard's task group
-            self.counters["http_internal_error"] += 1
-            log.warning("dashboard: internal error serving a request", exc_info=True)
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(1):
-                    await writer.wait_closed()
-
-    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """After an error response, read (and discard) what the client still sends for up to a second.
-
-        Closing a socket with unread input makes the kernel send a reset, which can destroy the response
-        before the client has read it (an oversized head is the typical case).
-        """
-        with contextlib.suppress(ConnectionError, TimeoutError):
-            async with asyncio.timeout(self._drain_timeout):
-                await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()
-            async with asyncio.timeout(1.0):
-                for _ in range(64):  # at most 4 MiB
-                    if not await reader.read(65536):
-                        break
-
-    async def _read_head(self, reader: asyncio.StreamReader) -> tuple[str, str]:
-        try:
-            async with asyncio.timeout(self._header_timeout):
-                head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError as exc:
-            raise _HttpError(431) from exc
-        except TimeoutError as exc:
-            raise _HttpError(408) from exc
-        line = head.split(b"\r\n", 1)[0].decode("latin-1")
-        parts = line.split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            raise _HttpError(400, "malformed request line")
-        method, target, _ = parts
-        if method not in ("GET", "HEAD"):
-            raise _HttpError(405)
-        if not target.startswith("/"):
-            raise _HttpError(400, "only origin-form request targets are served")
-        raw_path = target.split("?", 1)[0].split("#", 1)[0]
-        try:
-            path = unquote(raw_path, errors="strict")
-        except UnicodeDecodeError as exc:
-            raise _HttpError(400, "path is not UTF-8") from exc
-        segments = path.split("/")
-        if any(s in ("..", ".") for s in segments) or "\\" in path or "\x00" in path or "//" in path:
-            self.counters["http_traversal_refused"] += 1
-            raise _HttpError(403, "path traversal refused")
-        return method, path
-
-    async def _route(self, method: str, path: str, writer: asyncio.StreamWriter) -> None:
-        head_only = method == "HEAD"
-        self.counters["http_requests"] += 1
-        if path in ("/", "/index.html"):
-            body, ctype = self._static["index.html"]
-            self._respond(writer, 200, body, ctype, head_only=head_only)
-        elif path.startswith("/static/") and path[len("/static/") :] in self._static:
-            body, ctype = self._static[path[len("/static/") :]]
-            self._respond(writer, 200, body, ctype, head_only=head_only, cache="no-cache")
-        elif path == "/api/state":
-            snapshot = {**self.state.snapshot(), "prefix": self.topics.prefix, "server": self.statistics()}
-            self._respond(writer, 200, _json_bytes(snapshot), "application/json; charset=utf-8", head_only=head_only)
-        elif path == "/events" and head_only:
-            self._respond(writer, 200, b"", "text/event-stream; charset=utf-8", head_only=True)
-        elif path == "/events":
-            await self._serve_events(writer)
-        else:
-            raise _HttpError(404)
-
-    def _respond(
-        self,
-        writer: asyncio.StreamWriter,
-        status: int,
-        body: bytes,
-        ctype: str,
-        *,
-        head_only: bool = False,
-        cache: str = "no-store",
-        extra: str = "",
-    ) -> None:
-        head = (
-            f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
-            f"Content-Type: {ctype}\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            f"Cache-Control: {cache}\r\n"
-            f"{_SECURITY_HEADERS}{extra}"
-            "Connection: close\r\n\r\n"
+    def _build_app(self) -> Guard:
+        get = ["GET"]  # Starlette answers HEAD for every GET route
+        app = Starlette(
+            routes=[
+                Route("/", self._page, methods=get),
+                Route("/index.html", self._page, methods=get),
+                Route("/static/{name}", self._static_file, methods=get),
+                Route("/api/state", self._api_state, methods=get),
+                Route("/events", self._events, methods=get),
+                Route("/metrics", self._metrics, methods=get),
+            ],
+            exception_handlers={HTTPException: self._http_error},
         )
-        writer.write(head.encode("latin-1") + (b"" if head_only else body))
+        return Guard(app, self.counters)
 
-    async def _serve_events(self, writer: asyncio.StreamWriter) -> None:
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return Response(error_body(exc.status_code, exc.detail), exc.status_code, media_type=_JSON)
+
+    async def _page(self, request: Request) -> Response:
+        body, ctype = self._static["index.html"]
+        return Response(body, media_type=ctype)
+
+    async def _static_file(self, request: Request) -> Response:
+        found = self._static.get(request.path_params["name"])
+        if found is None:
+            raise HTTPException(404)
+        return Response(found[0], media_type=found[1], headers={"Cache-Control": "no-cache"})
+
+    async def _api_state(self, request: Request) -> Response:
+        snapshot = {**self.state.snapshot(), "prefix": self.topics.prefix, "server": self.statistics()}
+        return Response(_json_bytes(snapshot), media_type=_JSON)
+
+    async def _metrics(self, request: Request) -> Response:
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE)
+
+    async def _events(self, request: Request) -> Response:
         if len(self._clients) >= self._max_sse_clients:
-            raise _HttpError(503, "too many event-stream clients")
-        client = _SseClient(asyncio.Queue(maxsize=self._sse_queue_size), writer)
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nCache-Control: no-store\r\n"
-            + _SECURITY_HEADERS.encode()
-            + b"X-Accel-Buffering: no\r\nConnection: close\r\n\r\nretry: 2000\n\n"
+            raise HTTPException(503, "too many event-stream clients")
+        if self._lifecycle is not State.RUNNING:
+            raise HTTPException(503, "shutting down")
+        return EventSourceResponse(
+            self._stream(),
+            ping=self._keepalive_interval,  # a comment line; also how a silently vanished client is noticed
+            sep="\n",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
-        snapshot = {**self.state.snapshot(), "prefix": self.topics.prefix}
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        client = _SseClient(asyncio.Queue(maxsize=self._sse_queue_size))
         self._seq += 1
-        writer.write(b"id: %d\nevent: snapshot\ndata: %s\n\n" % (self._seq, _json_bytes(snapshot)))
+        snapshot = {**self.state.snapshot(), "prefix": self.topics.prefix}
         self._clients.add(client)
         self.counters["sse_connected"] += 1
         try:
+            yield ServerSentEvent(_json_bytes(snapshot).decode(), event="snapshot", id=str(self._seq), retry=_RETRY_MS,
+                                  sep="\n").encode()  # fmt: skip
             while not client.dropped:
-                async with asyncio.timeout(self._drain_timeout):
-                    await writer.drain()
-                try:
-                    async with asyncio.timeout(self._keepalive_interval):
-                        chunk = await client.queue.get()
-                except TimeoutError:
-                    chunk = b": keepalive\n\n"  # also how a silently vanished client is noticed
-                writer.write(chunk)
-        except TimeoutError:
-            self._drop(client, "socket did not drain")
+                chunk = await client.queue.get()
+                if chunk is None or client.dropped:
+                    return
+                yield chunk
         finally:
             self._clients.discard(client)

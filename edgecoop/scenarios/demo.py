@@ -127,7 +127,12 @@ async def _run(args: argparse.Namespace) -> int:
 
             dash = await stack.enter_async_context(Dashboard(settings, topics, port=args.dashboard_port))
             dash_url = f"http://127.0.0.1:{dash.port}/"
-            print(f"  dashboard   {dash_url}")
+            print(f"  dashboard   {dash_url} (Prometheus metrics of every component on {dash_url}metrics)")
+            from edgecoop.orchestrator.metrics import register_orchestrator
+
+            for agent in agents:
+                agent.register_metrics(dash.metrics)
+            register_orchestrator(dash.metrics, orch)
         except (ImportError, OSError) as exc:
             print(f"  dashboard   unavailable: {exc}")
         print(f"  cards       mosquitto_sub -V 5 -p {broker.port} -t '{topics.all_cards()}' -v\n")
