@@ -191,6 +191,9 @@ class CapabilityInfo:
     #: requests the agent serves at once on this capability (its config's ``max_concurrency``); 0 = not declared.
     #: The orchestrator's bulkheads size themselves from it (edgecoop.orchestrator.admission).
     max_concurrency: int = 0
+    #: what a knowledge capability's documents are about (their headings' and recurring words), so a question is
+    #: routed to the agent whose documents hold its words; derived from the documents, not written by hand
+    topics: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CapabilityInfo:
@@ -207,10 +210,11 @@ class CapabilityInfo:
             coop,
             _ident(pool, f"{w}.pool") if pool else "",
             max(0, _opt(d, "max_concurrency", int, 0, w)),
+            _str_list(d, "topics", w),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "tags": list(self.tags)}
+        return {**asdict(self), "tags": list(self.tags), "topics": list(self.topics)}
 
 
 @dataclass(frozen=True, slots=True)

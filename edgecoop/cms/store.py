@@ -415,7 +415,7 @@ def _fast_card_dict(c: CapabilityCard) -> dict[str, Any]:
         "hardware": _record(c.hardware), "models": [_record(m) for m in c.models],
         "sensors": [{**_record(s), "words": list(s.words)} for s in c.sensors],
         "domains": list(c.domains),
-        "capabilities": [{**_record(k), "tags": list(k.tags)} for k in c.capabilities],
+        "capabilities": [{**_record(k), "tags": list(k.tags), "topics": list(k.topics)} for k in c.capabilities],
         "cost": {"per_call": c.cost_per_call, "latency_ms": c.latency_ms}, "privacy": c.privacy,
         "load": _record(c.load), "ts": c.ts,
     }  # fmt: skip

@@ -36,14 +36,19 @@ class _Hit:
     exact: bool
 
 
-def _best(words: Sequence[str], name: str, phrases: set[Phrase] | Sequence[Phrase]) -> _Hit | None:
+def _best(
+    words: Sequence[str], name: str, phrases: set[Phrase] | Sequence[Phrase], taken: Sequence[_Hit] = ()
+) -> _Hit | None:
+    """The longest (then exact, then earliest) match of any of ``phrases`` that overlaps none of ``taken``."""
     best: _Hit | None = None
     for ph in phrases:
         for fuzzy in (False, True):
             m = match_phrase(words, ph, fuzzy=fuzzy)
             if m is not None:
                 hit = _Hit(name, m[0], m[1], not fuzzy)
-                if best is None or (hit.length, hit.exact) > (best.length, best.exact):
+                if any(_overlaps(hit, t) for t in taken):
+                    continue  # "bus" of "bus line 42" is the place; "occupancy" is the quantity
+                if best is None or (hit.length, hit.exact, -hit.start) > (best.length, best.exact, -best.start):
                     best = hit
                 break
     return best
@@ -119,9 +124,7 @@ class FastParser:
         asker = first_person(words, lex) and not _has(words, lex.public_world)
         places = self._places(words, vocab)
         quantities = [
-            h
-            for h in (_best(words, q.modality, q.phrases) for q in vocab.quantities.values())
-            if h is not None and not any(_overlaps(h, p) for p in places)
+            h for h in (_best(words, q.modality, q.phrases, places) for q in vocab.quantities.values()) if h is not None
         ]
         quantities = _dedupe(quantities)
         if not quantities:  # "air quality", "pollution": every modality the capability measures, each a target
@@ -130,11 +133,7 @@ class FastParser:
                 if gm is not None and not any(_overlaps(_Hit("", gm[0], gm[1], True), p) for p in places):
                     quantities = [_Hit(mod, gm[0], gm[1], True) for mod in sorted(mods)]
                     break
-        objects = [
-            h
-            for h in (_best(words, name, phs) for name, (_op, phs) in lex.objects.items())
-            if h is not None and not any(_overlaps(h, p) for p in places)
-        ]
+        objects = [h for h in (_best(words, name, phs, places) for name, (_op, phs) in lex.objects.items()) if h]
         spans = [*places, *quantities, *objects]
         fuzzy = not all(h.exact for h in spans)
         confidence = 0.75 if fuzzy else 0.95
@@ -148,7 +147,7 @@ class FastParser:
         if unknown:
             return replace(base, unknown=f"no agent is at a place called {unknown!r}; known places: "
                            f"{', '.join(sorted(vocab.places))}", confidence=0.9)  # fmt: skip
-        if _has(words, lex.actions) and (world or personal):
+        if _acts(words, lex) and (world or personal):
             return replace(base, unknown="the edge answers questions; it does not act (upload, send, share) for you")
         if _has(words, lex.past) and (quantities or objects):
             return replace(base, unknown="live sensors cannot answer about another time than now or a recent window")
@@ -188,7 +187,7 @@ class FastParser:
                                f"{', '.join(sorted(vocab.places))}")  # fmt: skip
         # every vital sign of the asker together
         summarise = _has(words, lex.operations["summarise"])
-        if personal and summarise and (len(quantities) != 1 or not check) and not place_names:
+        if personal and summarise and len(quantities) != 1 and not place_names:
             mine = sorted({(q.modality, p) for q in vocab.quantities.values() for p, c in q.places.items()
                            if c != "public"})  # fmt: skip
             if mine:
@@ -323,11 +322,18 @@ class FastParser:
         # after "and"/"or"/"vs" only in a list of places ("City Park and the University Campus")
         listing = r"|and|or|vs" if any(h.name in vocab.places for h in spans) else ""
         pattern = rf"\b(?:at|in|near|around|by{listing})\s+(?:the\s+)?([A-Z][\w'-]+(?:\s+[A-Z][\w'-]+)*)"
-        for m in re.finditer(pattern, question):
+        about_world = any(h.name not in vocab.places for h in spans)  # a quantity or object is asked for
+        knowledge_terms = {t for k in vocab.knowledge.values() for t in k.terms}
+        for m in re.finditer(pattern, question if about_world else ""):  # "the tallest mountain in Africa": no
             name = [n for n in tokens(m.group(1)) if n not in lex.stopwords]
             unknown = [n for n in name if not any(similar(n, k) for k in known_words)]
             vocab_q = vocab.quantity_words
-            if unknown and name[0] not in lex.not_places and not any(n in vocab_q for n in unknown):
+            if (
+                unknown
+                and name[0] not in lex.not_places
+                and not any(n in vocab_q for n in unknown)
+                and not all(n in knowledge_terms for n in unknown)  # "in the EU": a word the documents use
+            ):
                 return m.group(1)
         return ""
 
@@ -399,10 +405,9 @@ class FastParser:
             if here:
                 return here[0], {}
             return None, {"unknown": _nothing_at(vocab, modality, place_names[0])}
-        if personal:
-            mine = [p for p, c in providers.items() if c != "public"]
-            if mine:
-                return None, {}  # the asker's own agents: the plan keeps to non-public providers
+        mine = [p for p, c in providers.items() if c != "public"]
+        if mine and (personal or len(mine) == len(providers)):
+            return None, {}  # the asker's own agents: the plan keeps to non-public providers
         public = sorted(p for p, c in providers.items() if c == "public")
         if len(public) == 1 and not personal:
             return public[0], {}
@@ -474,6 +479,20 @@ _RULE_WORDS = tuple(
         "safe",
     )
 )
+
+
+_VERB_BEFORE = frozenset(
+    {"please", "pls", "can", "could", "would", "will", "to", "and", "then", "you", "i", "we", "also", "just", "now"}
+)
+
+
+def _acts(words: Sequence[str], lex: Lexicon) -> bool:
+    """An action verb the user wants done ("upload my readings", "can you send ..."), not the noun ("a good book")."""
+    for ph in lex.actions:
+        at = find_phrase(words, ph, fuzzy=False)
+        if at == 0 or (at > 0 and words[at - 1] in _VERB_BEFORE):
+            return True
+    return False
 
 
 def _phrases_of(lex: Lexicon, stem: str) -> list[Phrase]:

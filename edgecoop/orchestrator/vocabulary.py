@@ -207,8 +207,10 @@ class Vocabulary:
                 continue
             k = self.knowledge.setdefault(str(card["agent_id"]), Knowledge(str(card["agent_id"])))
             k.domains |= {str(d) for d in card.get("domains", ())}
-            # declared fields only (tags, domains): agent-written prose never moves a look-up (prompt injection)
-            text = " ".join([" ".join(map(str, c.get("tags", ()))), " ".join(k.domains)])
+            # word lists only (tags, domains, the topics of its documents): a card's prose is never parsed, so a
+            # sentence written to steer the orchestrator steers nothing
+            words = [*map(str, c.get("tags", ())), *k.domains, *map(str, c.get("topics", ()))]
+            text = " ".join(words)
             k.terms |= set(tokens(text)) - lexicon().stopwords
             k.privacy = privacy
 

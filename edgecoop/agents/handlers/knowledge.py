@@ -20,7 +20,7 @@ import re
 import sqlite3
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -237,6 +237,28 @@ class KnowledgeBase:
         return {"passages": passages, "answer": answer, "confidence": confidence, "terms": terms}
 
 
+_MAX_TOPICS = 160
+
+
+def document_topics(texts: Iterable[str], *, limit: int = _MAX_TOPICS) -> tuple[str, ...]:
+    """The words the documents are about: every heading word first, then words that recur (by frequency).
+
+    Published on the card so that the orchestrator can route a question to the agent whose documents hold its
+    words. Only words that occur in the documents are listed, so an agent cannot claim a subject it has no text on.
+    """
+    headings: dict[str, None] = {}
+    counts: dict[str, int] = {}
+    for text in texts:
+        for line in text.splitlines():
+            words = [w for w in _TOKEN.findall(line.lower()) if w not in _STOP and len(w) > 2 and not w.isdigit()]
+            if line.lstrip().startswith("#"):
+                headings.update(dict.fromkeys(words))
+            for w in words:
+                counts[w] = counts.get(w, 0) + 1
+    recurring = sorted((w for w, n in counts.items() if n >= 2 and w not in headings), key=lambda w: (-counts[w], w))
+    return tuple([*headings, *recurring][:limit])
+
+
 def _document_files(spec: Any, base: Path) -> list[Path]:
     items = [spec] if isinstance(spec, str) else list(spec or [])
     files: list[Path] = []
@@ -279,6 +301,8 @@ class KnowledgeHandler(Handler):
         self.db = db if db == ":memory:" or Path(db).is_absolute() else str(self.base / db)
         self.domains = tuple(str(d) for d in self.options.get("domains", ()))
         self.max_chars = int(self.options.get("max_chars", 900))
+        # a few KB of markdown, read once at configuration time like the agent's TOML
+        self.topics = document_topics([f.read_text(encoding="utf-8") for f in self.files])
         self.passage_count = 0
         self._worker: Worker | None = None
         self._kb: KnowledgeBase | None = None  # worker thread only
@@ -300,7 +324,7 @@ class KnowledgeHandler(Handler):
     def info(self) -> CapabilityInfo:
         base = super().info()
         tags = tuple(dict.fromkeys((*base.tags, *self.domains)))
-        return type(base)(base.name, base.kind, base.description, tags, base.cooperation)
+        return replace(base, tags=tags, topics=self.topics)
 
     async def start(self, ctx: AgentContext) -> None:
         self._worker = Worker(f"knowledge-{ctx.agent_id}")
