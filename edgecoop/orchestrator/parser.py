@@ -163,6 +163,11 @@ class FastParser:
         lookup_cue = _has(words, lex.operations["lookup"])
         live = _has(words, lex.operations["live"])
 
+        # words of the question that the edge's documents are about ("fever", "COPD", "diversion"): with no place,
+        # no asker and no live cue, a question naming a quantity asks what the documents say, not for a reading
+        evidence = self._document_evidence(words, spans, vocab)
+        if not place_names and not asker and not live and not area and evidence >= 1:
+            return self._lookup(base, words, vocab, quantities)
         general_cue = _has(words, lex.general)
         if general_cue and not places and not quantities:
             return replace(base, general=not personal, confidence=0.95)
@@ -225,6 +230,12 @@ class FastParser:
             targets_mod = [h.name for h in sorted(quantities, key=lambda h: h.start)]
             personal_reading = asker and not place_names
             doc_question = not place_names and not live and not personal_reading and (not area or agg == "latest")
+            # "explain weather and climate": a general question that merely names a measured quantity, when no
+            # knowledge agent's domain covers that quantity
+            known = {d for h in quantities for d in vocab.quantities[h.name].domains}
+            covered_by_docs = any(k.domains & known for k in vocab.knowledge.values())
+            if doc_question and general_cue and not covered_by_docs and not evidence:
+                return replace(base, general=not personal, confidence=0.95)
             if doc_question and lookup_cue and (not check or _asks_for_rule(words)):
                 return self._lookup(base, words, vocab, quantities)
             if doc_question and _asks_for_rule(words) and _has(words, _RULE_WORDS):
@@ -252,7 +263,10 @@ class FastParser:
             return replace(base, operation=op, targets=tuple(targets_l), limit=limit)
 
         # nothing measurable: a document question, the world without a question we know, or an open question
-        if lookup_cue or (places and vocab.knowledge):
+        # (a question with none of the documents' words is not theirs, whatever its phrasing; "how much X is there
+        # at <place>" asks for a reading nobody there takes, not for a document)
+        doc_like = (lookup_cue and (evidence or places)) or (places and vocab.knowledge)
+        if doc_like and not (places and live):
             spec = self._lookup(base, words, vocab, [])
             if spec.knowledge_agent or lookup_cue:
                 return spec
@@ -265,7 +279,7 @@ class FastParser:
             offered = vocab.describe_place(place_names[0])
             return replace(base, ask=f"What would you like to know about {place_names[0]}? I can tell you: "
                            f"{', '.join(offered)}.", options=tuple(offered))  # fmt: skip
-        if not personal:
+        if not personal and evidence >= 2:
             k = self._lookup(base, words, vocab, [])
             if k.knowledge_agent and k.confidence >= 0.6:
                 return k
@@ -294,6 +308,7 @@ class FastParser:
         lex = lexicon()
         covered = {i for h in spans for i in range(h.start, h.start + h.length)}
         known_words = vocab.place_words
+        knowledge_terms = {t for k in vocab.knowledge.values() for t in k.terms}
         single = {h.start for h in spans if h.length == 1}
         for i, w in enumerate(words):
             if (i in covered and i not in single) or w not in lex.place_heads or i == 0:
@@ -308,7 +323,7 @@ class FastParser:
                 or prev in connectors
             ):
                 continue
-            if any(similar(prev, k) for k in known_words) or prev.isdigit():
+            if any(similar(prev, k) for k in known_words) or prev.isdigit() or prev in knowledge_terms:
                 continue
             return f"{prev} {w}".title()
         # "bus 7" where the cards know "Bus line 42": a numbered place of a known kind that does not exist
@@ -323,7 +338,6 @@ class FastParser:
         listing = r"|and|or|vs" if any(h.name in vocab.places for h in spans) else ""
         pattern = rf"\b(?:at|in|near|around|by{listing})\s+(?:the\s+)?([A-Z][\w'-]+(?:\s+[A-Z][\w'-]+)*)"
         about_world = any(h.name not in vocab.places for h in spans)  # a quantity or object is asked for
-        knowledge_terms = {t for k in vocab.knowledge.values() for t in k.terms}
         for m in re.finditer(pattern, question if about_world else ""):  # "the tallest mountain in Africa": no
             name = [n for n in tokens(m.group(1)) if n not in lex.stopwords]
             unknown = [n for n in name if not any(similar(n, k) for k in known_words)]
@@ -353,6 +367,21 @@ class FastParser:
                 continue
             return x
         return ""
+
+    def _document_evidence(self, words: Sequence[str], spans: Sequence[_Hit], vocab: Vocabulary) -> int:
+        """Distinct words of the question, beyond its place, quantity, object and cue words, that a knowledge
+        agent's documents are about (their topics); 0 with no knowledge agent."""
+        if not vocab.knowledge:
+            return 0
+        lex = lexicon()
+        covered = {i for h in spans for i in range(h.start, h.start + h.length)}
+        content = {
+            w
+            for i, w in enumerate(words)
+            if i not in covered and len(w) >= 3 and w not in lex.stopwords and w not in lex.cue_words
+            and not w.isdigit() and w not in vocab.quantity_words and w not in vocab.place_words
+        }  # fmt: skip
+        return max(sum(1 for w in content if any(similar(w, t) for t in k.terms)) for k in vocab.knowledge.values())
 
     def _agg_window(self, words: Sequence[str], lex: Lexicon) -> tuple[str, int]:
         # "5 min" is a window, not the minimum; "pm2.5 i mean" is not the mean

@@ -46,6 +46,8 @@ class Lexicon:
     place_heads: frozenset[str]
     numbers: dict[str, int]
     limit_cues: frozenset[str]
+    #: every word of every cue list: words that say how something is asked, not what about
+    cue_words: frozenset[str]
     fractions: dict[Phrase, float]
 
 
@@ -74,6 +76,18 @@ def lexicon() -> Lexicon:
         place_heads=frozenset(data["places"]["heads"]),
         numbers={str(k): int(v) for k, v in data["numbers"].items()},
         limit_cues=frozenset(data["limits"]["cues"]),
+        cue_words=frozenset(
+            w
+            for group in (
+                ops,
+                data["aggregations"],
+                {"past": data["time"]["past"], "g": data["general"]["cues"], "limits": data["limits"]["cues"]},
+                {"units": list(data["windows"]["units"]), "windows": list(data["windows"]["phrases"])},
+            )
+            for items in group.values()
+            for item in items
+            for w in tokens(item)
+        ),
         fractions={tuple(tokens(k)): float(v) for k, v in data["limits"]["fractions"].items()},
     )
 
