@@ -295,6 +295,24 @@ def cmd_a2a_gateway(args: argparse.Namespace) -> int:
 
 
 # -- bench ---------------------------------------------------------------------------------------------
+def cmd_knowledge_topics(args: argparse.Namespace) -> int:
+    """Print a suggested ``topics`` list for a knowledge capability's options, from its documents."""
+    from pathlib import Path
+
+    from edgecoop.agents.handlers.knowledge import document_topics
+
+    files: list[Path] = []
+    for name in args.paths:
+        p = Path(name)
+        files += sorted(f for f in p.rglob("*") if f.suffix in (".md", ".markdown", ".txt")) if p.is_dir() else [p]
+    if not files:
+        print("no .md/.txt documents found", file=sys.stderr)
+        return 2
+    topics = document_topics([f.read_text(encoding="utf-8") for f in files], limit=args.limit)
+    print("topics = [" + ", ".join(f'"{t}"' for t in topics) + "]")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -507,6 +525,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=None, help="broker URL advertised in the cards (default: the --broker URL)")
     p.set_defaults(func=cmd_a2a_gateway)
 
+    p = sub.add_parser("knowledge-topics", help="suggest a knowledge capability's topics from its documents",
+                       description="Print heading and recurring words of the documents as a TOML 'topics' line to "
+                       "review and paste into the capability's [capabilities.options]: the orchestrator routes "
+                       "look-ups by declared topics, never by the documents themselves.")  # fmt: skip
+    p.add_argument("paths", nargs="+", help="document files or folders")
+    p.add_argument("--limit", type=int, default=160, help="at most this many topics (default 160)")
+    p.set_defaults(func=cmd_knowledge_topics)
+
     p = sub.add_parser("bench", help="run a benchmark (always with a baseline in the same run)",
                        description="Benchmarks: rpc (vs raw paho), cms (ingest and discovery latency).")  # fmt: skip
     p.add_argument(
@@ -517,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--quick", action="store_true", help="smaller workload (smoke run)")
     p.add_argument("--agents", type=int, default=1000, help="scale: number of agents")
+    p.add_argument("--split", choices=["dev", "test"], help="understanding: one split of the evaluation set only")
+    p.add_argument("--eval", metavar="FILE", help="understanding: your own labelled questions (JSON lines in the "
+                   "evaluation set's format, any split name but 'test') instead of the shipped set")  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
     from edgecoop.orchestrator.strategies import STRATEGIES

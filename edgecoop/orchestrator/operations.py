@@ -149,7 +149,8 @@ class Check(OperationKind):
             what, unit = (q.label_at(t.place) if q else t.modality), str(r.get("unit", ""))
             domains = q.place_domains.get(t.place or str(r.get("location", "")), set()) if q else set()
         if spec.limit is not None:
-            rule: Mapping[str, Any] = {"kind": "max", "value": spec.limit.value, "unit": unit, "source": "your limit"}
+            rule: Mapping[str, Any] = {"kind": spec.limit.kind, "value": spec.limit.value, "unit": unit,
+                                       "source": "your limit"}  # fmt: skip
         else:
             picked = _pick_rule(results.get("rule", []), domains)
             if picked is None:
@@ -163,15 +164,16 @@ class Check(OperationKind):
             rule = picked
         verdict = judge(value, rule)
         decision = str(rule.get(verdict, verdict))
-        kind = "range" if rule.get("kind") == "range" else "limit"
+        kind = {"range": "range", "min": "minimum"}.get(str(rule.get("kind")), "limit")
+        verdict_text = "above" if verdict == "within" and kind == "minimum" else verdict
         source = str(rule.get("source", "knowledge base"))
         if _is_object(t):
             facts = (f"{fmt(value)} {what} passed the camera at {t.place} in the last clip; the threshold is "
                      f"{rule_text(rule)}, so: {decision}.")  # fmt: skip
         else:
-            facts = (
-                f"The {what} at {t.place} is {fmt(value)} {unit}, {verdict} the {kind} of {rule_text(rule)} ({source})."
-            )
+            where = t.place or results["read:0"].get("location") or "your device"
+            facts = (f"The {what} at {where} is {fmt(value)} {unit}, {verdict_text} the {kind} of {rule_text(rule)} "
+                     f"({source}).")  # fmt: skip
         summary = str(results.get("summary", {}).get("text", "")).strip()
         text = facts + (f" Summary: {summary}" if summary else "")
         return Answer(text, value, decision, [source], 0.95, facts)
@@ -303,6 +305,9 @@ MIN_VISION_CONFIDENCE = 0.5
 MIN_SUPPORT = 0.5
 #: an open question is answered from the edge's documents only with stronger support than a look-up needs
 MIN_SUPPORT_OPEN = 0.75
+#: the agent the parser chose must still hold a third of the question's content words in its top passage: its
+#: retrieval always returns something, and a passage about something else is a wrong answer, not an answer
+MIN_SUPPORT_NAMED = 0.34
 
 
 def knowledge_step(question: str, agent: str | None, *, optional: bool = False) -> Step:
@@ -318,7 +323,7 @@ def knowledge_step(question: str, agent: str | None, *, optional: bool = False) 
     )
 
 
-def support(question: str, result: Mapping[str, Any]) -> float:
+def support(question: str, result: Mapping[str, Any], *, two_words: bool = True) -> float:
     """The share of the question's content words found in the top passage (its title and text): agents' own
     retrieval scores are not comparable across agents, and a passage sharing one word is no answer."""
     lex = lexicon()
@@ -329,7 +334,7 @@ def support(question: str, result: Mapping[str, Any]) -> float:
     top = passages[0]
     words = set(tokens(f"{top.get('title', '')} {top.get('text', '')} {Path(str(top.get('doc', ''))).stem}"))
     found = {w for w in content if any(similar(w, t) for t in words)}
-    if len(content) >= 2 and len(found) < 2:
+    if two_words and len(content) >= 2 and len(found) < 2:
         return 0.0
     return len(found) / len(content)
 
@@ -349,7 +354,11 @@ def best_passages(
         best: Mapping[str, Any] = k[scored[0][2]][1]
         return best
     found: Mapping[str, Any] = k
-    return found if found.get("passages") else None
+    if not found.get("passages"):
+        return None
+    if question and support(question, found, two_words=False) < min(min_support, MIN_SUPPORT_NAMED):
+        return None
+    return found
 
 
 class Lookup(OperationKind):

@@ -166,7 +166,10 @@ class FastParser:
         # words of the question that the edge's documents are about ("fever", "COPD", "diversion"): with no place,
         # no asker and no live cue, a question naming a quantity asks what the documents say, not for a reading
         evidence = self._document_evidence(words, spans, vocab)
-        if not place_names and not asker and not live and not area and evidence >= 1:
+        # "count the vehicles on the street camera" is for a camera; "how do electric buses charge?" is general
+        counting = bool(objects) and not quantities and _has(words, lex.operations["count"])
+        enough = evidence >= 2 or (evidence == 1 and not _has(words, lex.general))
+        if not place_names and not asker and not live and not area and not counting and enough:
             return self._lookup(base, words, vocab, quantities)
         general_cue = _has(words, lex.general)
         if general_cue and not places and not quantities:
@@ -346,7 +349,7 @@ class FastParser:
                 unknown
                 and name[0] not in lex.not_places
                 and not any(n in vocab_q for n in unknown)
-                and not all(n in knowledge_terms for n in unknown)  # "in the EU": a word the documents use
+                and not (len(name) == 1 and name[0] in knowledge_terms)  # "in the EU": a word the documents use
             ):
                 return m.group(1)
         return ""
@@ -417,12 +420,12 @@ class FastParser:
             if any(b in ("last", "past", "previous") for b in before[-2:]) or after in lex.window_units:
                 continue
             if any(b in lex.limit_cues for b in before):
-                return Limit(float(w))
+                return Limit(float(w), kind=_limit_kind(before, lex))
         if percent:  # "more than half full", "three quarters full": a share of a percentage
             for ph, value in sorted(lex.fractions.items(), key=lambda kv: -len(kv[0])):
                 at = find_phrase(words, ph, fuzzy=False)
                 if at > 0 and any(b in lex.limit_cues for b in words[max(0, at - 3) : at]):
-                    return Limit(float(value))
+                    return Limit(float(value), kind=_limit_kind(words[max(0, at - 3) : at], lex))
         return None
 
     def _place_for(
@@ -508,6 +511,19 @@ _RULE_WORDS = tuple(
         "safe",
     )
 )
+
+
+def _limit_kind(before: Sequence[str], lex: Lexicon) -> str:
+    """'min' when the nearest direction word before the number points down ("below 93", "under 18 degrees");
+    a named limit or threshold in between ("below the limit of 40") is a maximum, as limits are by default."""
+    for b in reversed(before):
+        if b in ("limit", "threshold", "guideline"):
+            return "max"
+        if b in lex.limit_down:
+            return "min"
+        if b in lex.limit_cues and b not in ("than", "of"):
+            return "max"
+    return "max"
 
 
 _VERB_BEFORE = frozenset(

@@ -62,6 +62,8 @@ class Target:
 class Limit:
     value: float
     unit: str = ""
+    #: "max" (the value should stay at or under it: "over 40?") or "min" (at or over it: "below 93 %?")
+    kind: str = "max"
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,7 @@ class Lexicon:
     place_heads: frozenset[str]
     numbers: dict[str, int]
     limit_cues: frozenset[str]
+    limit_down: frozenset[str]
     #: every word of every cue list: words that say how something is asked, not what about
     cue_words: frozenset[str]
     fractions: dict[Phrase, float]
@@ -75,7 +76,8 @@ def lexicon() -> Lexicon:
         not_places=frozenset(data["places"]["not_places"]),
         place_heads=frozenset(data["places"]["heads"]),
         numbers={str(k): int(v) for k, v in data["numbers"].items()},
-        limit_cues=frozenset(data["limits"]["cues"]),
+        limit_cues=frozenset(data["limits"]["cues"]) | frozenset(data["limits"]["down"]),
+        limit_down=frozenset(data["limits"]["down"]),
         cue_words=frozenset(
             w
             for group in (

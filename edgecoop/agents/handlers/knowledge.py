@@ -243,8 +243,8 @@ _MAX_TOPICS = 160
 def document_topics(texts: Iterable[str], *, limit: int = _MAX_TOPICS) -> tuple[str, ...]:
     """The words the documents are about: every heading word first, then words that recur (by frequency).
 
-    Published on the card so that the orchestrator can route a question to the agent whose documents hold its
-    words. Only words that occur in the documents are listed, so an agent cannot claim a subject it has no text on.
+    A suggestion for the operator (``edgecoop knowledge-topics``), who reviews it and declares it as the capability's
+    ``options.topics``; the card publishes the declared list so the orchestrator routes look-ups by it.
     """
     headings: dict[str, None] = {}
     counts: dict[str, int] = {}
@@ -301,8 +301,9 @@ class KnowledgeHandler(Handler):
         self.db = db if db == ":memory:" or Path(db).is_absolute() else str(self.base / db)
         self.domains = tuple(str(d) for d in self.options.get("domains", ()))
         self.max_chars = int(self.options.get("max_chars", 900))
-        # a few KB of markdown, read once at configuration time like the agent's TOML
-        self.topics = document_topics([f.read_text(encoding="utf-8") for f in self.files])
+        # declared by the operator (``edgecoop knowledge-topics DOCS`` suggests them), never read from the documents
+        # at run time: a poisoned document must not steer which agent the orchestrator asks
+        self.topics = tuple(str(t) for t in self.options.get("topics", ()))
         self.passage_count = 0
         self._worker: Worker | None = None
         self._kb: KnowledgeBase | None = None  # worker thread only
