@@ -98,7 +98,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
         elif kind == "production":
             tls_port = 8883 if args.tls_port is None else args.tls_port or None
             print(production_config(port=args.port or 1883, websockets_port=args.websockets_port or 9001,
-                                    tls_port=tls_port), end="")  # fmt: skip
+                                    tls_port=tls_port, a2a_port=args.a2a_listener), end="")  # fmt: skip
         elif kind == "acl":
             print(production_acl(prefix=args.prefix), end="")
         elif kind == "bridge":
@@ -473,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--persistence", action="store_true", help="persist retained messages and sessions")
     p.add_argument("--tls-port", type=int, default=None,
                    help="with --print-config production: the TLS listener's port (default 8883; 0 = none)")  # fmt: skip
+    p.add_argument("--a2a-listener", type=int, default=None, metavar="PORT",
+                   help="with --print-config production: a loopback listener for edgecoop a2a-gateway")  # fmt: skip
     p.add_argument("--print-config", choices=["development", "production", "acl", "bridge"],
                    help="print a Mosquitto config (production: for /etc/mosquitto/conf.d) and exit")  # fmt: skip
     p.add_argument("--site", help="with --print-config bridge: this site's id")

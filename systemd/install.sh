@@ -78,6 +78,7 @@ PREFIX=${EDGECOOP_TOPIC_PREFIX:-edgecoop/v1}
 MQTT_PORT=${EDGECOOP_MQTT_PORT:-1883}
 WS_PORT=${EDGECOOP_WS_PORT:-9001}
 TLS_PORT=${EDGECOOP_TLS_PORT:-8883}
+A2A_PORT=${EDGECOOP_A2A_PORT:-1884}
 DASHBOARD_PORT=${EDGECOOP_DASHBOARD_PORT:-8080}
 BROKER=${EDGECOOP_BROKER:-mqtt://127.0.0.1:$MQTT_PORT}
 GROUP=${EDGECOOP_GROUP:-edgecoop}
@@ -86,7 +87,7 @@ CREDS=$ETC/credentials
 MOSQ=/etc/mosquitto
 MOSQ_MAIN=${EDGECOOP_MOSQUITTO_CONF:-$ROOT$MOSQ/mosquitto.conf}
 UNITS=/etc/systemd/system
-SERVICE_USERS=(orchestrator cms dashboard operator homeassistant)
+SERVICE_USERS=(orchestrator cms dashboard operator homeassistant a2a-gateway)
 
 say() { printf '\033[1m[edgecoop]\033[0m %s\n' "$*"; }
 die() { printf '[edgecoop] error: %s\n' "$*" >&2; exit 1; }
@@ -139,7 +140,7 @@ broker_config() {
   local drop_pl=0
   if [ -f "$MOSQ_MAIN" ] && grep -q '^persistence_location' "$MOSQ_MAIN"; then drop_pl=1; fi
   "$(edgecoop_bin)" broker --print-config production --port "$MQTT_PORT" --websockets-port "$WS_PORT" \
-    --tls-port "$TLS_PORT" |
+    --tls-port "$TLS_PORT" --a2a-listener "$A2A_PORT" |
     awk -v drop_pl="$drop_pl" -v main="${MOSQ_MAIN#"$ROOT"}" '
       /^listener / { seen_listener = 1 }
       /^use_username_as_clientid/ && !seen_listener { uuc = $0; next }
@@ -153,9 +154,11 @@ acl() {
   "$(edgecoop_bin)" broker --print-config acl --prefix "$PREFIX"
   cat <<EOF
 
-# Home Assistant MQTT discovery (opt-in per agent: home_assistant = true): an agent writes its discovery configs
-# (node id ${node_prefix}_<agent-id>) and its JSON mirror; the Home Assistant integration logs in as homeassistant.
+# Home Assistant MQTT discovery (opt-in per agent: home_assistant = true): an agent writes its device discovery
+# config (node id ${node_prefix}_<agent-id>) and its JSON mirror (and may clear the per-entity configs of edgecoop
+# versions before device discovery); the Home Assistant integration logs in as homeassistant.
 pattern write $PREFIX/agents/%u/ha/#
+pattern write homeassistant/device/${node_prefix}_%u/config
 pattern write homeassistant/+/${node_prefix}_%u/+/config
 user homeassistant
 topic read homeassistant/#
@@ -353,6 +356,10 @@ write_once() {
 write_once "$ETC/edgecoop.env" <<EOF
 # read by every edgecoop unit (credentials are per service, in $CREDS/<user>.env)
 EDGECOOP_BROKER=$BROKER
+# edgecoop-a2a-gateway.service: the broker's loopback listener without use_username_as_clientid (the gateway opens
+# a connection per agent, each with its own client id; docs/interop.md), and the URL its A2A cards advertise
+EDGECOOP_A2A_BROKER=mqtt://127.0.0.1:$A2A_PORT
+#EDGECOOP_A2A_URL=mqtt://<this hub's name>:$MQTT_PORT
 # for mqtts:// URLs: the CA of the broker's certificate (the hub's install.sh writes it; on an agent node, copy
 # the hub's /etc/edgecoop/ca.crt here). Plain mqtt:// URLs ignore it.
 EDGECOOP_CA_FILE=$ETC/ca.crt
@@ -415,6 +422,7 @@ fi
 mkdir -p "$ROOT$UNITS"
 install -m 0644 "$SRC"/systemd/edgecoop-agent@.service "$SRC"/systemd/edgecoop-orchestrator.service \
   "$SRC"/systemd/edgecoop-cms.service "$SRC"/systemd/edgecoop-dashboard.service "$SRC"/systemd/edgecoop.target \
+  "$SRC"/systemd/edgecoop-a2a-gateway.service \
   "$ROOT$UNITS/"
 if [ "$MODE" = full ]; then
   install -d "$ROOT$UNITS/mosquitto.service.d"

@@ -71,21 +71,27 @@ def test_node_ids_are_safe_and_unique():
 
 def test_discovery_configs_from_the_card():
     t = Topics("edgecoop/v1")
-    out = configs(discovery_messages(card(), t))
+    messages = discovery_messages(card(), t)
     node = "edgecoop_v1_air-07"
-    odd = next(topic for topic in out if "Bahnhof" in topic)
-    assert set(out) == {
-        f"homeassistant/sensor/{node}/pm25/config",
-        f"homeassistant/sensor/{node}/temp/config",
-        odd,
-        f"homeassistant/binary_sensor/{node}/status/config",
+    assert [topic for topic, _ in messages] == [f"homeassistant/device/{node}/config"], "one device config per agent"
+    doc = json.loads(messages[0][1])
+    assert set(doc) == {"device", "origin", "components"}
+    assert doc["device"] == {
+        "identifiers": [node],
+        "name": "air-07",
+        "manufacturer": "edgecoop",
+        "model": "Raspberry Pi 4 Model B Rev 1.5",
+        "sw_version": doc["device"]["sw_version"],
+        "suggested_area": "Market Square",
     }
-    for topic in out:
-        _, _, node_part, object_part, _ = topic.split("/")
-        assert HA_ID.match(node_part) and HA_ID.match(object_part), topic
+    assert doc["origin"]["name"] == "edgecoop"
+    out = doc["components"]
+    odd = next(key for key in out if "Bahnhof" in key)
+    assert set(out) == {"pm25", "temp", odd, "status"}
+    assert all(HA_ID.match(key) for key in out), out
 
-    pm25 = out[f"homeassistant/sensor/{node}/pm25/config"]
-    assert pm25["name"] == "pm25"
+    pm25 = out["pm25"]
+    assert pm25["platform"] == "sensor" and pm25["name"] == "pm25"
     assert pm25["unique_id"] == f"{node}_pm25"
     assert pm25["state_topic"] == "edgecoop/v1/agents/air-07/ha/pm25"
     assert pm25["value_template"] == "{{ value_json.value }}"
@@ -95,29 +101,22 @@ def test_discovery_configs_from_the_card():
     assert pm25["availability_template"] == "{{ value_json.state }}"
     assert (pm25["payload_available"], pm25["payload_not_available"]) == ("online", "offline")
     assert pm25["expire_after"] == 60
-    assert pm25["device"] == {
-        "identifiers": [node],
-        "name": "air-07",
-        "manufacturer": "edgecoop",
-        "model": "Raspberry Pi 4 Model B Rev 1.5",
-        "sw_version": pm25["device"]["sw_version"],
-        "suggested_area": "Market Square",
-    }
-    temp = out[f"homeassistant/sensor/{node}/temp/config"]
+    temp = out["temp"]
     assert temp["device_class"] == "temperature" and "expire_after" not in temp
     assert "device_class" not in out[odd], "a unit Home Assistant does not accept for the class: no device class"
     assert out[odd]["expire_after"] == 1000 and out[odd]["state_topic"].endswith("/ha/Bahnhof.Süd")
 
-    conn = out[f"homeassistant/binary_sensor/{node}/status/config"]
-    assert conn["device_class"] == "connectivity" and conn["state_topic"] == pm25["availability_topic"]
+    conn = out["status"]
+    assert conn["platform"] == "binary_sensor" and conn["device_class"] == "connectivity"
+    assert conn["state_topic"] == pm25["availability_topic"] and "availability_topic" not in conn
     assert (conn["payload_on"], conn["payload_off"]) == ("online", "offline")
-    assert conn["device"]["identifiers"] == [node]
     assert len({c["unique_id"] for c in out.values()}) == len(out)
 
 
 def test_sensor_named_status_is_not_exposed(caplog):
-    out = configs(discovery_messages(card(sensors=(SensorInfo("status", "misc"),)), Topics()))
-    assert [t.split("/")[1] for t in out] == ["binary_sensor"]
+    ((_, payload),) = discovery_messages(card(sensors=(SensorInfo("status", "misc"),)), Topics())
+    components = json.loads(payload)["components"]
+    assert {k: c["platform"] for k, c in components.items()} == {"status": "binary_sensor"}
     assert "clashes" in caplog.text
 
 
@@ -187,28 +186,26 @@ class Watcher:
 
 async def test_agent_publishes_retained_discovery_and_the_json_mirror(make_agent, settings, topics):
     node = node_id(topics, "air-ha")
-    filters = [f"homeassistant/+/{node}/+/config", f"{topics.prefix}/agents/air-ha/ha/#"]
+    device_topic = f"homeassistant/device/{node}/config"
+    filters = [f"homeassistant/+/{node}/#", f"{topics.prefix}/agents/air-ha/ha/#"]
     caps = [{"kind": "test_ha_sensor", "name": "air"}]
     # subscribe after the agent is up: what arrives then can only be retained
     async with (
         make_agent("air-ha", home_assistant=True, capabilities=caps, location={"name": "Market"}) as agent,
         Watcher(settings, filters) as watcher,
     ):
-        expected = {
-            f"homeassistant/sensor/{node}/pm25/config",
-            f"homeassistant/sensor/{node}/temp/config",
-            f"homeassistant/binary_sensor/{node}/status/config",
-            topics.ha_status("air-ha"),
-        }
+        expected = {device_topic, topics.ha_status("air-ha")}
         await watcher.wait(lambda seen: expected <= set(seen))
         assert all(watcher.seen[t][0] for t in expected), "discovery configs and the status mirror are retained"
         status = json.loads(watcher.seen[topics.ha_status("air-ha")][1])
         assert status == {"state": "online", "epoch": agent.epoch, "ts": status["ts"], "agent_id": "air-ha"}
-        pm25 = json.loads(watcher.seen[f"homeassistant/sensor/{node}/pm25/config"][1])
+        config = json.loads(watcher.seen[device_topic][1])
+        assert set(config["components"]) == {"pm25", "temp", "status"}
+        pm25 = config["components"]["pm25"]
         assert pm25["state_topic"] == topics.ha_state("air-ha", "pm25")
         assert pm25["availability_topic"] == topics.ha_status("air-ha")
-        assert pm25["unit_of_measurement"] == "µg/m³" and pm25["device"]["suggested_area"] == "Market"
-        assert pm25["device"]["identifiers"] == [node]
+        assert pm25["unit_of_measurement"] == "µg/m³" and config["device"]["suggested_area"] == "Market"
+        assert config["device"]["identifiers"] == [node]
 
         # the sensor handler's integration point: mirror a reading as JSON
         handler = agent.handlers["air"]
@@ -247,10 +244,14 @@ async def test_home_assistant_is_opt_in(make_agent, settings, topics):
 def test_removal_messages_clear_configs_and_mirror():
     t = Topics()
     removal = removal_messages(card(), t)
+    node = node_id(t, "air-07")
+    legacy = {f"homeassistant/sensor/{node}/{s}/config" for s in ("pm25", "temp")}
+    legacy |= {topic for topic, _ in removal if "Bahnhof" in topic}
+    legacy |= {f"homeassistant/binary_sensor/{node}/status/config"}
     assert {topic for topic, _ in removal} == {topic for topic, _ in discovery_messages(card(), t)} | {
         t.ha_status("air-07")
-    }
-    assert all(payload == b"" for _, payload in removal)
+    } | legacy, "the device, the mirror, and the per-entity configs of older versions"
+    assert len(legacy) == 4 and all(payload == b"" for _, payload in removal)
 
 
 async def test_real_sensor_handler_mirrors_its_readings_for_home_assistant(make_agent, settings, topics):

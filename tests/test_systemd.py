@@ -309,8 +309,8 @@ async def test_install_broker_files_run_with_passwords_and_acl(production_broker
     async with Dashboard(creds["dashboard"], topics, port=0) as dashboard, Agent(config) as agent:
         # the dashboard user may read cards and status (pattern read ACL lines)
         await until(lambda: getattr(dashboard.state.agents.get("cam-01"), "online", False))
-        # Home Assistant sees the agent's discovery config: `pattern write homeassistant/+/edgecoop_v1_%u/+/config`
-        node_config = "homeassistant/binary_sensor/edgecoop_v1_cam-01/status/config"
+        # Home Assistant sees the agent's discovery config: `pattern write homeassistant/device/edgecoop_v1_%u/config`
+        node_config = "homeassistant/device/edgecoop_v1_cam-01/config"
         async with Watcher(creds["homeassistant"], ["homeassistant/#", f"{topics.prefix}/agents/+/ha/#"]) as ha:
             await ha.wait(lambda seen: {node_config, topics.ha_status("cam-01")} <= set(seen))
         assert agent.statistics()["connects"] == 1

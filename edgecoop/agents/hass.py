@@ -5,17 +5,20 @@ Home Assistant cannot read msgpack, so an agent with the option on also publishe
     <p>/agents/<id>/ha/<sensor>   {"value", "unit", "ts", "agent_id", "sensor"}   one per reading, not retained
     <p>/agents/<id>/ha/status     {"state": "online"|"offline", "epoch", "ts", "agent_id"}   retained
 
-and, on every connect, retained discovery configs (JSON)::
+and, on every connect, one retained *device discovery* config (JSON) per agent::
 
-    homeassistant/sensor/<node_id>/<sensor>/config        one per SensorInfo of the card
-    homeassistant/binary_sensor/<node_id>/status/config   connectivity of the agent
+    homeassistant/device/<node_id>/config   {"device", "origin", "components": {<sensor>: sensor, "status": binary_sensor}}
+
+one ``sensor`` component per SensorInfo of the card (available while the mirror says ``online``) and a
+``connectivity`` binary_sensor on the status mirror. ``scripts/ha-conformance`` validates these payloads with Home
+Assistant's own schemas (docs/interop.md).
 
 ``node_id`` is ``<prefix levels>_<agent id>`` joined with ``_`` (``edgecoop_v1_cam-01``); characters Home
 Assistant does not accept in ids (``[a-zA-Z0-9_-]`` only) become ``_`` plus a short hash, so ids stay unique.
 
 Limitation: the MQTT Last Will is the msgpack status (one will per connection), so after a *crash* Home
 Assistant learns that the agent is gone only through ``expire_after`` on sensors that declare a rate; a clean
-exit publishes ``offline`` on the mirror. Deregistration removes the discovery configs (empty retained payloads).
+exit publishes ``offline`` on the mirror. Deregistration removes the device (an empty retained config).
 
 Integration point for sensor handlers: after publishing a :class:`~edgecoop.messages.Reading` on the data topic
 (``SensorHandler._publish``, inside its ``try``), ``if ctx.config.home_assistant: await publish_ha_reading(ctx.conn,
@@ -43,7 +46,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DISCOVERY_PREFIX",
+    "discovery_config",
     "discovery_messages",
+    "discovery_topic",
     "ha_state_payload",
     "ha_status_payload",
     "node_id",
@@ -121,8 +126,13 @@ def _device(card: CapabilityCard, node: str) -> dict[str, Any]:
     return device
 
 
+def _origin() -> dict[str, Any]:
+    return {"name": "edgecoop", "sw_version": _version()}
+
+
 def _sensor_config(card: CapabilityCard, sensor: SensorInfo, topics: Topics, node: str) -> dict[str, Any]:
     config: dict[str, Any] = {
+        "platform": "sensor",
         "name": sensor.name,
         "unique_id": f"{node}_{_slug(sensor.name)}",
         "state_topic": topics.ha_state(card.agent_id, sensor.name),
@@ -130,12 +140,12 @@ def _sensor_config(card: CapabilityCard, sensor: SensorInfo, topics: Topics, nod
         "state_class": "measurement",
         "json_attributes_topic": topics.ha_state(card.agent_id, sensor.name),
         "json_attributes_template": "{{ {'ts': value_json.ts} | tojson }}",
+        # availability per sensor, not shared by the device: the connectivity entity must stay available to
+        # show "disconnected"
         "availability_topic": topics.ha_status(card.agent_id),
         "availability_template": "{{ value_json.state }}",
         "payload_available": "online",
         "payload_not_available": "offline",
-        "device": _device(card, node),
-        "origin": {"name": "edgecoop", "sw_version": _version()},
     }
     if sensor.unit:
         config["unit_of_measurement"] = sensor.unit
@@ -150,6 +160,7 @@ def _sensor_config(card: CapabilityCard, sensor: SensorInfo, topics: Topics, nod
 
 def _connectivity_config(card: CapabilityCard, topics: Topics, node: str) -> dict[str, Any]:
     return {
+        "platform": "binary_sensor",
         "name": "Connectivity",
         "unique_id": f"{node}_status",
         "state_topic": topics.ha_status(card.agent_id),
@@ -160,49 +171,55 @@ def _connectivity_config(card: CapabilityCard, topics: Topics, node: str) -> dic
         "entity_category": "diagnostic",
         "json_attributes_topic": topics.ha_status(card.agent_id),
         "json_attributes_template": "{{ {'epoch': value_json.epoch, 'ts': value_json.ts} | tojson }}",
-        "device": _device(card, node),
-        "origin": {"name": "edgecoop", "sw_version": _version()},
     }
 
 
-def _config_topics(card: CapabilityCard, topics: Topics, discovery_prefix: str) -> list[tuple[str, SensorInfo | None]]:
+def discovery_topic(topics: Topics, agent_id: str, *, discovery_prefix: str = DISCOVERY_PREFIX) -> str:
+    """The device discovery topic of an agent: ``<discovery prefix>/device/<node_id>/config``."""
+    return f"{discovery_prefix}/device/{node_id(topics, agent_id)}/config"
+
+
+def discovery_config(card: CapabilityCard, topics: Topics) -> dict[str, Any]:
+    """The device discovery payload of an agent: the device, the origin, and its components (``cmps``): one sensor
+    per :class:`~edgecoop.messages.SensorInfo` of the card (object id = sensor name, made safe) and a connectivity
+    binary_sensor (object id ``status``)."""
     node = node_id(topics, card.agent_id)
-    out: list[tuple[str, SensorInfo | None]] = []
+    components: dict[str, dict[str, Any]] = {}
     for sensor in card.sensors:
         if sensor.name == "status":
             log.warning("%s: sensor 'status' clashes with the Home Assistant status mirror; not exposed", card.agent_id)
             continue
-        out.append((f"{discovery_prefix}/sensor/{node}/{_slug(sensor.name)}/config", sensor))
-    out.append((f"{discovery_prefix}/binary_sensor/{node}/status/config", None))
-    return out
+        try:
+            components[_slug(sensor.name)] = _sensor_config(card, sensor, topics, node)
+        except TopicError as exc:
+            log.warning("%s: sensor not exposed to Home Assistant: %s", card.agent_id, exc)
+    components["status"] = _connectivity_config(card, topics, node)
+    return {"device": _device(card, node), "origin": _origin(), "components": components}
+
+
+def _legacy_topics(card: CapabilityCard, topics: Topics, discovery_prefix: str) -> list[str]:
+    """The per-entity config topics edgecoop used before device discovery (cleared on deregistration)."""
+    node = node_id(topics, card.agent_id)
+    out = [f"{discovery_prefix}/sensor/{node}/{_slug(s.name)}/config" for s in card.sensors if s.name != "status"]
+    return [*out, f"{discovery_prefix}/binary_sensor/{node}/status/config"]
 
 
 def discovery_messages(
     card: CapabilityCard, topics: Topics, *, discovery_prefix: str = DISCOVERY_PREFIX
 ) -> list[tuple[str, bytes]]:
-    """Retained discovery configs (topic, JSON) for each sensor of ``card`` plus the connectivity binary_sensor."""
-    node = node_id(topics, card.agent_id)
-    messages = []
-    for topic, sensor in _config_topics(card, topics, discovery_prefix):
-        try:
-            config = (
-                _connectivity_config(card, topics, node)
-                if sensor is None
-                else _sensor_config(card, sensor, topics, node)
-            )
-        except TopicError as exc:
-            log.warning("%s: sensor not exposed to Home Assistant: %s", card.agent_id, exc)
-            continue
-        messages.append((topic, _json(config)))
-    return messages
+    """The retained device discovery config (topic, JSON) of ``card``: one message for the whole agent."""
+    topic = discovery_topic(topics, card.agent_id, discovery_prefix=discovery_prefix)
+    return [(topic, _json(discovery_config(card, topics)))]
 
 
 def removal_messages(
     card: CapabilityCard, topics: Topics, *, discovery_prefix: str = DISCOVERY_PREFIX
 ) -> list[tuple[str, bytes]]:
-    """Empty retained payloads that remove the agent's entities from Home Assistant, and clear the mirror."""
-    configs = [(topic, b"") for topic, _ in _config_topics(card, topics, discovery_prefix)]
-    return [*configs, (topics.ha_status(card.agent_id), b"")]
+    """Empty retained payloads that remove the agent's device from Home Assistant and clear the mirror (and the
+    per-entity configs of edgecoop versions before device discovery, if any are still retained)."""
+    topic = discovery_topic(topics, card.agent_id, discovery_prefix=discovery_prefix)
+    legacy = [(t, b"") for t in _legacy_topics(card, topics, discovery_prefix)]
+    return [(topic, b""), *legacy, (topics.ha_status(card.agent_id), b"")]
 
 
 def ha_state_payload(reading: Reading) -> bytes:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -157,7 +158,15 @@ def _gateway_child(port: int, prefix: str, org: str) -> None:
             print(_READY, flush=True)
             await stop.wait()
 
-    asyncio.run(serve())
+    profile = os.environ.get("EDGECOOP_BENCH_PROFILE")  # a file: the gateway runs under cProfile
+    if not profile:
+        asyncio.run(serve())
+        return
+    import cProfile
+
+    with cProfile.Profile() as prof:
+        asyncio.run(serve())
+    prof.dump_stats(profile)
 
 
 async def _measure(port: int, p: A2AParams) -> dict[str, Any]:

@@ -66,12 +66,26 @@ def production_config(
     tls_port: int | None = 8883,
     etc_dir: str = "/etc/mosquitto",
     data_dir: str = "/var/lib/mosquitto",
+    a2a_port: int | None = None,
 ) -> str:
     """A Pi-ready broker: passwords, per-agent ACL, client id = username, durable persistence, a TLS listener.
 
     The TLS listener's certificate and key are ``{etc_dir}/certs/edgecoop-server.crt`` / ``.key`` (systemd/install.sh
     makes them, with a CA of its own, when they do not exist; docs/deployment.md shows the openssl commands).
+    ``a2a_port``: also a loopback listener for ``edgecoop a2a-gateway``, the one listener without
+    ``use_username_as_clientid`` (the gateway needs a client id per agent it fronts; docs/interop.md).
     """
+    a2a = (
+        f"""
+# the A2A gateway (edgecoop a2a-gateway --broker mqtt://127.0.0.1:{a2a_port}): one connection per agent it fronts,
+# each with the client id the A2A binding requires ({{org}}/{{unit}}/{{agent}}), so no use_username_as_clientid here.
+# Loopback only: passwords and the ACL apply as everywhere, but a local client could pick another's client id.
+listener {a2a_port} 127.0.0.1
+protocol mqtt
+"""
+        if a2a_port
+        else ""
+    )
     ws = (
         f"\n# dashboards (browser MQTT over websockets); same passwords and ACL\nlistener {websockets_port}\n"
         "protocol websockets\nuse_username_as_clientid true\n"
@@ -103,7 +117,7 @@ protocol mqtt
 # a client may only use its own username as client id: no client-id takeover of another agent
 # (a listener option: placed before any listener, Mosquitto would open an extra default listener)
 use_username_as_clientid true
-{tls}{ws}
+{tls}{ws}{a2a}
 # PUBACK is not "on disk": save on every change so a power cut loses nothing acknowledged
 persistence true
 # persistence_location is set by Debian's /etc/mosquitto/mosquitto.conf (a second one is fatal);
@@ -179,7 +193,7 @@ pattern read $a2a/v1/reply/%u/#
 {admin_blocks}
 # the A2A gateway (edgecoop a2a-gateway): A2A cards, requests and replies of every agent it fronts; the CMS, its
 # agents and the task contract (it opens one connection per fronted agent, client id {{org}}/{{unit}}/{{agent}}:
-# give it a listener without use_username_as_clientid, see docs/interop.md)
+# it connects to the loopback listener without use_username_as_clientid, --print-config production --a2a-listener)
 user a2a-gateway
 topic readwrite $a2a/v1/#
 topic readwrite {p}/#

@@ -46,7 +46,7 @@ from paho.mqtt.packettypes import PacketTypes
 
 from edgecoop.cms.mirror import CmsMirror
 from edgecoop.connection import BrokerSettings, Connection, Message, State, props
-from edgecoop.errors import A2AError, EdgecoopError, RemoteError, RequestTimeout, SchemaError, WireError
+from edgecoop.errors import A2AError, ConfigError, EdgecoopError, RemoteError, RequestTimeout, SchemaError, WireError
 from edgecoop.interop.a2a import (
     DEVICE_EXTENSION,
     ERR_INTERNAL,
@@ -254,6 +254,7 @@ class A2AGateway:
         await self._tg.__aenter__()
         self._stack = contextlib.AsyncExitStack()
         try:
+            await self._check_client_ids()
             await self._stack.enter_async_context(self.mirror)
             await self._stack.enter_async_context(self.conn)
             await self._stack.enter_async_context(self.tasks)
@@ -269,6 +270,33 @@ class A2AGateway:
             await self.__aexit__(None, None, None)
             raise
         return self
+
+    async def _check_client_ids(self) -> None:
+        """Refuse a listener that overrides client ids (Mosquitto's ``use_username_as_clientid``).
+
+        The gateway opens one connection per agent, each with its own client id and Last Will, all under one user
+        name. On such a listener they would all get that user name as client id and take each other over forever
+        (each reconnect publishing the previous one's Last Will). Two probe connections find out: the broker closes
+        a taken-over session before it acknowledges the newcomer, so a QoS 1 round trip on the first connection
+        after the second one is up fails, or succeeds only after a reconnect.
+        """
+        tag = os.urandom(4).hex()
+        first = Connection(self.settings, f"a2a-probe-{tag}-1", clean_start=True)
+        second = Connection(self.settings, f"a2a-probe-{tag}-2", clean_start=True)
+        taken_over = False
+        async with first, second:
+            try:
+                await first.publish(f"{self.topics.prefix}/a2a-probe/{tag}", b"", qos=1, wait=5)
+            except EdgecoopError:
+                taken_over = True
+            taken_over = taken_over or first.counters.disconnects > 0
+        if taken_over:
+            raise ConfigError(
+                f"{self.settings.url}: this listener replaces client ids with the user name (Mosquitto's "
+                "use_username_as_clientid), so the gateway's per-agent connections would take each other over; "
+                "connect the gateway to a listener without it (edgecoop broker --print-config production "
+                "--a2a-listener PORT, docs/interop.md)"
+            )
 
     async def __aexit__(self, *exc: object) -> None:
         if self.state is State.CLOSED:
