@@ -63,12 +63,16 @@ class Requester:
         max_in_flight_per_agent: int | None = None,
         resend_interval: float = 2.0,
         site: str | None = None,
+        reply_id: str | None = None,
     ) -> None:
         self.conn = conn
         self.topics = topics
-        self.reply_topic = topics.reply(conn.client_id)
+        #: ``reply_id``: the reply topic's last level when the client id cannot be one (the A2A gateway's
+        #: connections have ``{org}/{unit}/{agent}`` client ids)
+        reply_id = reply_id or conn.client_id
+        self.reply_topic = topics.reply(reply_id)
         self.site = site
-        self.site_reply_topic = topics.site_reply(site, conn.client_id) if site else None
+        self.site_reply_topic = topics.site_reply(site, reply_id) if site else None
         self._pending: dict[bytes, _Pending] = {}
         self._slots = asyncio.Semaphore(max_in_flight)
         #: per-agent flow control (None: only the global bound). Mosquitto queues what one client has not taken

@@ -8,7 +8,7 @@
   agent that goes offline in the CMS (its own Last Will) gets its card republished offline; a deregistered agent
   (empty retained card) gets its A2A card cleared (empty retained payload).
 * **Requests.** ``SendMessage``/``SendStreamingMessage`` on ``$a2a/v1/request/{org}/{unit}/{agent}`` become an
-  edgecoop request to the skill's capability (a :class:`~edgecoop.rpc.Requester` on one kept connection), and the
+  edgecoop request to the skill's capability (a :class:`~edgecoop.rpc.Requester` on the endpoint's connection), and the
   answer goes to the requester's Response Topic with its Correlation Data, as an A2A ``Task`` (or a stream of
   task, artifact and status updates). Requester-chosen task ids are de-duplicated: a retry gets the state of
   the task already created, never a second execution. ``GetTask`` answers from the same table; ``CancelTask``
@@ -137,15 +137,20 @@ class _Endpoint:
         self.online = online
         self.discovery_topic = gateway.a2a.discovery(unit, agent)
         self.request_topic = gateway.a2a.request(unit, agent)
+        # the agent's edgecoop requests go over this same connection: an A2A request's PUBACK leaves in the same
+        # send() as the request to the agent, and the agent's reply's PUBACK with the A2A reply (2 writes per round
+        # trip instead of 4 over two sockets: each write wakes the broker, which on a small machine is the cost)
+        reply_id = f"a2a-{gateway.tag}-{os.urandom(4).hex()}"
         self.conn = Connection(
             gateway.settings,
             gateway.a2a.client_id(unit, agent),
-            subscriptions=[(self.request_topic, 1)],
-            handler=self._on_request,
+            subscriptions=[(self.request_topic, 1), Requester.subscription(gateway.topics, reply_id)],
+            handler=self._on_message,
             will=self._will,
             on_connect=self._on_connect,
             clean_start=True,
         )
+        self.requester = Requester(self.conn, gateway.topics, max_in_flight_per_agent=32, reply_id=reply_id)
 
     @property
     def key(self) -> str:
@@ -177,8 +182,9 @@ class _Endpoint:
                 self.discovery_topic, card_json, retain=True, properties=_status_props(status, "agent"), wait=5
             )
 
-    def _on_request(self, message: Message) -> None:
-        self.gw._accept(self, message)
+    def _on_message(self, message: Message) -> None:
+        if not self.requester.handle(message):
+            self.gw._accept(self, message)
 
     async def close(self, *, deregister: bool) -> None:
         """Leave: clear the card (deregistered) or mark it offline (graceful stop), then disconnect (no will)."""
@@ -232,16 +238,15 @@ class A2AGateway:
         self._jobs: set[asyncio.Task[Any]] = set()
         self._sync_lock = asyncio.Lock()
         self.state = State.NEW
-        cid = f"a2a-gw-{os.urandom(4).hex()}"
+        self.tag = os.urandom(4).hex()
         self._orch_status_filter = f"{self.topics.prefix}/orchestrators/+/status"
         self.conn = Connection(
             settings,
-            cid,
-            subscriptions=[Requester.subscription(self.topics, cid), (self._orch_status_filter, 1)],
+            f"a2a-gw-{self.tag}",
+            subscriptions=[(self._orch_status_filter, 1)],
             handler=self._on_message,
             clean_start=True,
         )
-        self.requester = Requester(self.conn, self.topics, max_in_flight_per_agent=32)
         self.mirror = CmsMirror(settings, topics=self.topics, client_id=f"a2a-cms-{os.urandom(4).hex()}")
         self.tasks = TaskClient(settings, topics=self.topics)
 
@@ -431,8 +436,6 @@ class A2AGateway:
         return json.dumps(doc, sort_keys=True).encode()
 
     def _on_message(self, message: Message) -> None:
-        if self.requester.handle(message):
-            return
         topic = str(message.topic)
         parts = topic.split("/")
         if not topic.startswith(f"{self.topics.prefix}/orchestrators/") or len(parts) < 3:
@@ -661,7 +664,7 @@ class A2AGateway:
 
         t0 = time.perf_counter()
         try:
-            resp = await self.requester.request(
+            resp = await ep.requester.request(
                 card.agent_id, cap.name, data, timeout=float(deadline), task_id=sp.task_id, on_partial=on_partial,
             )  # fmt: skip
         except RemoteError as exc:
