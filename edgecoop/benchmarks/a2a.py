@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ from edgecoop.benchmarks.rpc import (
     machine_info,
     percentile,
 )
+from edgecoop.benchmarks.tasks import _cpu_seconds
 
 __all__ = ["A2AParams", "main", "run"]
 
@@ -136,6 +138,19 @@ class A2ARequester:
         return answers, time.perf_counter() - t0
 
 
+def _run_child(serve: Callable[[], Coroutine[Any, Any, None]], suffix: str) -> None:
+    """``EDGECOOP_BENCH_PROFILE=FILE``: the gateway runs under cProfile into FILE, the relay into FILE.relay."""
+    profile = os.environ.get("EDGECOOP_BENCH_PROFILE")
+    if not profile:
+        asyncio.run(serve())
+        return
+    import cProfile
+
+    with cProfile.Profile() as prof:
+        asyncio.run(serve())
+    prof.dump_stats(profile + suffix)
+
+
 def _gateway_child(port: int, prefix: str, org: str) -> None:
     from edgecoop.connection import BrokerSettings
     from edgecoop.interop import A2AGateway
@@ -158,15 +173,90 @@ def _gateway_child(port: int, prefix: str, org: str) -> None:
             print(_READY, flush=True)
             await stop.wait()
 
-    profile = os.environ.get("EDGECOOP_BENCH_PROFILE")  # a file: the gateway runs under cProfile
-    if not profile:
-        asyncio.run(serve())
-        return
-    import cProfile
+    _run_child(serve, "")
 
-    with cProfile.Profile() as prof:
-        asyncio.run(serve())
-    prof.dump_stats(profile)
+
+def _relay_topic(prefix: str) -> str:
+    return f"{prefix}/relay/{AGENT_ID}"
+
+
+def _relay_child(port: int, prefix: str) -> None:
+    """The floor of any gateway built on our connection machinery: the same topology as the A2A gateway (a task per
+    request, one kept connection carrying both sides, new Correlation Data towards the agent), forwarding the
+    request's bytes to the agent and the reply's bytes back; no JSON-RPC, no A2A, no task table."""
+    from edgecoop.connection import BrokerSettings, Connection, Message, props
+    from edgecoop.topics import Topics
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        topics = Topics(prefix)
+        cid = f"bench-relay-{uuid.uuid4().hex[:6]}"
+        reply_topic, agent_topic = topics.reply(cid), topics.request(AGENT_ID, "echo")
+        waiting: dict[bytes, asyncio.Future[bytes]] = {}
+        jobs: set[asyncio.Task[None]] = set()
+
+        async def forward(payload: bytes, response_topic: str, corr: bytes, content_type: str | None) -> None:
+            mine = os.urandom(12)
+            waiting[mine] = fut = loop.create_future()
+            try:
+                await conn.publish(agent_topic, payload, properties=props(
+                    ResponseTopic=reply_topic, CorrelationData=mine, ContentType=content_type))  # fmt: skip
+                async with asyncio.timeout(30):
+                    body = await fut
+            finally:
+                del waiting[mine]
+            await conn.publish(response_topic, body, properties=props(CorrelationData=corr, ContentType=content_type))
+
+        def on_message(m: Message) -> None:
+            corr = getattr(m.properties, "CorrelationData", None)
+            response_topic = getattr(m.properties, "ResponseTopic", "")
+            payload = m.payload if isinstance(m.payload, bytes) else b""
+            if not isinstance(corr, bytes):
+                return
+            if str(m.topic) == reply_topic:
+                fut = waiting.get(corr)
+                if fut is not None and not fut.done():
+                    fut.set_result(payload)
+                return
+            job = loop.create_task(forward(payload, response_topic, corr,
+                                           getattr(m.properties, "ContentType", None)))  # fmt: skip
+            jobs.add(job)
+            job.add_done_callback(jobs.discard)
+
+        conn = Connection(BrokerSettings(port=port), cid, subscriptions=[(_relay_topic(prefix), 1), (reply_topic, 1)],
+                          handler=on_message, clean_start=True)  # fmt: skip
+        stop = asyncio.Event()
+        async with conn:
+
+            def stop_soon() -> None:
+                loop.call_soon_threadsafe(stop.set)
+
+            _wait_stdin_closed(stop_soon)
+            print(_READY, flush=True)
+            await stop.wait()
+
+    _run_child(serve, ".relay")
+
+
+class RelayRequester:
+    """Our requester (the baseline's), its requests addressed to the relay instead of the agent."""
+
+    def __init__(self, ours: OurRequester, prefix: str) -> None:
+        self.ours, self.topic = ours, _relay_topic(prefix)
+
+    async def send(self, data: dict[str, Any], timeout: float) -> bool:
+        from edgecoop.messages import Request
+
+        resp = await self.ours.req.call(self.topic, Request("echo", data), timeout=timeout, agent_id=AGENT_ID)
+        return resp.ok
+
+    async def sequential(self, n: int, data: dict[str, Any], timeout: float) -> list[float]:
+        lat = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await self.send(data, timeout)
+            lat.append(time.perf_counter() - t0)
+        return lat
 
 
 async def _measure(port: int, p: A2AParams) -> dict[str, Any]:
@@ -175,16 +265,29 @@ async def _measure(port: int, p: A2AParams) -> dict[str, Any]:
     text = "x" * 80
     agent = Child("edgecoop.benchmarks.rpc", "agent", str(port), prefix, "16")
     gateway = Child(__name__, "gateway", str(port), prefix, org)
+    relay_child = Child(__name__, "relay", str(port), prefix)
     ours = OurRequester(port, prefix, p.in_flight)
+    relay = RelayRequester(ours, prefix)
     try:
         async with ours.conn, A2ARequester(port, org) as a2a:
             await ours.sequential(p.warmup, {"text": text}, p.timeout_s)
+            await relay.sequential(p.warmup, {"text": text}, p.timeout_s)
             await a2a.sequential(p.warmup, text, p.timeout_s)
             our_lat: list[float] = []
+            relay_lat: list[float] = []
             a2a_lat: list[float] = []
+            # CPU seconds each middle process spends in its own blocks (the others are idle then)
+            cpu = {"agent": 0.0, "relay": 0.0, "gateway": 0.0}
             for k in _split(p.sequential, p.blocks):
+                c0 = _cpu_seconds(agent.proc.pid)
                 our_lat += await ours.sequential(k, {"text": text}, p.timeout_s)
+                cpu["agent"] += _cpu_seconds(agent.proc.pid) - c0
+                c0 = _cpu_seconds(relay_child.proc.pid)
+                relay_lat += await relay.sequential(k, {"text": text}, p.timeout_s)
+                cpu["relay"] += _cpu_seconds(relay_child.proc.pid) - c0
+                c0 = _cpu_seconds(gateway.proc.pid)
                 a2a_lat += await a2a.sequential(k, text, p.timeout_s)
+                cpu["gateway"] += _cpu_seconds(gateway.proc.pid) - c0
             our_ans = a2a_ans = 0
             our_s = a2a_s = 0.0
             for k in _split(p.pipelined, p.blocks):
@@ -194,9 +297,10 @@ async def _measure(port: int, p: A2AParams) -> dict[str, Any]:
                 a2a_ans, a2a_s = a2a_ans + a, a2a_s + s
             failed = a2a.failed
     finally:
+        relay_child.stop()
         gateway.stop()
         agent.stop()
-    return {"our": our_lat, "a2a": a2a_lat, "our_ans": our_ans, "our_s": our_s, "a2a_ans": a2a_ans, "a2a_s": a2a_s,
+    return {"our": our_lat, "relay": relay_lat, "a2a": a2a_lat, "cpu": cpu, "our_ans": our_ans, "our_s": our_s, "a2a_ans": a2a_ans, "a2a_s": a2a_s,
             "a2a_failed": failed}  # fmt: skip
 
 
@@ -207,11 +311,19 @@ def run(params: A2AParams | None = None) -> dict[str, Any]:
     with MosquittoProcess() as broker:
         m = asyncio.run(_measure(broker.port, p))
     ours_p50, a2a_p50 = statistics.median(m["our"]), statistics.median(m["a2a"])
+    relay_p50 = statistics.median(m["relay"])
     result: dict[str, Any] = {
         "benchmark": "a2a",
         "a2a_p50_ms": round(a2a_p50 * 1000, 4),
         "ours_p50_ms": round(ours_p50 * 1000, 4),
         "ratio_p50": round(a2a_p50 / ours_p50, 3),
+        # the 4-hop floor: a byte-forwarding relay on the same connection machinery, in the same run
+        "relay_p50_ms": round(relay_p50 * 1000, 4),
+        "ratio_relay_p50": round(relay_p50 / ours_p50, 3),
+        "gateway_over_relay_p50_ms": round((a2a_p50 - relay_p50) * 1000, 4),
+        # CPU per sequential round trip (/proc, 10 ms ticks): the agent's in our blocks, the relay's and the
+        # gateway's in theirs
+        "cpu_us_per_request": {k: round(v / len(m["a2a"]) * 1e6, 1) for k, v in m["cpu"].items()},
         "a2a_p99_ms": round(percentile(m["a2a"], 99) * 1000, 4),
         "ours_p99_ms": round(percentile(m["our"], 99) * 1000, 4),
         "a2a_rps": round(m["a2a_ans"] / m["a2a_s"], 1) if m["a2a_s"] else 0.0,
@@ -243,6 +355,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         f"{'p50 round trip (ms)':24}{r['a2a_p50_ms']:>12}{r['ours_p50_ms']:>12}   ratio {r['ratio_p50']:.2f}x (<= 2x)"
     )
     print(f"{'p99 round trip (ms)':24}{r['a2a_p99_ms']:>12}{r['ours_p99_ms']:>12}")
+    print(
+        f"{'relay floor p50 (ms)':24}{r['relay_p50_ms']:>12}{'':>12}   ratio {r['ratio_relay_p50']:.2f}x (4 hops, bytes)"
+    )
     print(f"{'pipelined (answers/s)':24}{r['a2a_rps']:>12}{r['ours_rps']:>12}")
     print("targets met" if r["targets_met"] else "TARGETS NOT MET")
     return r
@@ -251,6 +366,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 if __name__ == "__main__":
     if sys.argv[1:3] == ["--child", "gateway"]:
         _gateway_child(int(sys.argv[3]), sys.argv[4], sys.argv[5])
+    elif sys.argv[1:3] == ["--child", "relay"]:
+        _relay_child(int(sys.argv[3]), sys.argv[4])
     else:
         parser = argparse.ArgumentParser(description=__doc__)
         parser.add_argument("--quick", action="store_true")
