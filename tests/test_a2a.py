@@ -442,3 +442,14 @@ def test_bench_a2a_reports_both_sides_from_one_run():
     assert r["sequential_samples"] == 40 and r["a2a_answers"] == 60 and r["a2a_error_replies"] == 0
     assert r["a2a_p50_ms"] > 0 and r["ours_p50_ms"] > 0 and r["a2a_rps"] > 0
     assert r["params"]["tcp_nodelay"] is True
+
+
+@pytest.mark.parametrize("request_id", ["r-1", 7, None, 'q"uote'])
+def test_a_reply_around_an_encoded_result_is_the_same_json(request_id):
+    from edgecoop.interop.a2a import json_bytes, raw_result_reply, result_reply, task
+
+    t = task(str(uuid.uuid4()), "ctx", "completed", text='ünïcode "quoted"', metadata={"n": 1.5})
+    assert json.loads(raw_result_reply(request_id, json_bytes(t), wrap="task")) == json.loads(
+        result_reply(request_id, {"task": t})
+    )
+    assert json.loads(raw_result_reply(request_id, json_bytes(t))) == json.loads(result_reply(request_id, t))

@@ -50,8 +50,10 @@ __all__ = [
     "artifact_update",
     "error_reply",
     "is_a2a_id",
+    "json_bytes",
     "message",
     "parse_request",
+    "raw_result_reply",
     "result_reply",
     "send_params",
     "status_update",
@@ -404,8 +406,20 @@ def artifact_update(
     return {"artifactUpdate": event}
 
 
+def json_bytes(value: Mapping[str, Any]) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
 def result_reply(request_id: str | int | None, result: Mapping[str, Any]) -> bytes:
-    return json.dumps({"jsonrpc": "2.0", "id": request_id, "result": result}, separators=(",", ":")).encode()
+    return json_bytes({"jsonrpc": "2.0", "id": request_id, "result": result})
+
+
+def raw_result_reply(request_id: str | int | None, result_json: bytes, *, wrap: str = "") -> bytes:
+    """:func:`result_reply` around a result already encoded (``wrap``: the result is ``{wrap: <it>}``)."""
+    head = b'{"jsonrpc":"2.0","id":' + json.dumps(request_id).encode() + b',"result":'
+    if wrap:
+        return head + b'{"' + wrap.encode() + b'":' + result_json + b"}}"
+    return head + result_json + b"}"
 
 
 def error_reply(exc: A2AError) -> bytes:

@@ -66,7 +66,9 @@ from edgecoop.interop.a2a import (
     artifact_update,
     error_reply,
     is_a2a_id,
+    json_bytes,
     parse_request,
+    raw_result_reply,
     result_reply,
     send_params,
     status_update,
@@ -110,10 +112,24 @@ class _TaskRecord:
 
     context_id: str
     caller_unit: str
-    snapshot: dict[str, Any]
+    #: the Task: a dict while it runs, its JSON once final (kept for up to _TASK_TTL_S: one object per task for the
+    #: garbage collector to walk, not a tree of dicts; a full collection over 10,000 trees paused every reply)
+    state: dict[str, Any] | bytes
     done: asyncio.Event = field(default_factory=asyncio.Event)
     error: A2AError | None = None
     created: float = field(default_factory=time.monotonic)
+
+    @property
+    def snapshot(self) -> dict[str, Any]:
+        state = self.state
+        return json.loads(state) if isinstance(state, bytes) else state
+
+    def snapshot_json(self) -> bytes:
+        state = self.state
+        return state if isinstance(state, bytes) else json_bytes(state)
+
+    def finish(self, snapshot: dict[str, Any]) -> None:
+        self.state = json_bytes(snapshot)
 
 
 class _Endpoint:
@@ -499,7 +515,7 @@ class A2AGateway:
                 await self._send(ep, req, caller_unit, reply, stream=req.method == "SendStreamingMessage")
             elif req.method == "GetTask":
                 rec = self._find(ep, req, caller_unit)
-                await reply(result_reply(req.id, rec.snapshot))
+                await reply(raw_result_reply(req.id, rec.snapshot_json()))
             elif req.method == "CancelTask":
                 rec = self._find(ep, req, caller_unit)
                 raise A2AError(
@@ -579,9 +595,9 @@ class A2AGateway:
             await reply(result_reply(req.id, {"task": rec.snapshot}))
         try:
             if ep is self._city:
-                rec.snapshot = await self._run_task(sp, caller_unit, req.id)
+                rec.finish(await self._run_task(sp, caller_unit, req.id))
             else:
-                rec.snapshot = await self._run_capability(ep, sp, req.id, reply if stream else None)
+                rec.finish(await self._run_capability(ep, sp, req.id, reply if stream else None))
         except A2AError as exc:
             rec.error = exc
             if exc.rpc_code in (ERR_RESPONDER_UNAVAILABLE, ERR_INVALID_PARAMS):
@@ -592,10 +608,10 @@ class A2AGateway:
         await self._final(req, rec, reply, stream=stream)
 
     async def _final(self, req: RpcRequest, rec: _TaskRecord, reply: Callable[[bytes], Any], *, stream: bool) -> None:
-        snap = rec.snapshot
         if not stream:
-            await reply(result_reply(req.id, {"task": snap}))
+            await reply(raw_result_reply(req.id, rec.snapshot_json(), wrap="task"))
             return
+        snap = rec.snapshot
         for art in snap.get("artifacts", ()):
             await reply(result_reply(req.id, artifact_update(snap["id"], snap["contextId"], art)))
         state = str(snap["status"]["state"]).removeprefix("TASK_STATE_").lower().replace("_", "-")
