@@ -56,6 +56,7 @@ class AnswerDispatcher:
     def __init__(self, configs: Mapping[str, Any]) -> None:
         self.configs = configs
         self.calls: list[tuple[str, str, dict[str, Any]]] = []
+        self.passages: list[dict[str, Any]] = []  # what every knowledge agent finds
 
     async def request(
         self, agent_id: str, capability: str, input: Mapping[str, Any] | None = None, **_: Any
@@ -74,7 +75,11 @@ class AnswerDispatcher:
         if cap.kind == "cloud":
             return Response(True, {"text": "cloud answer", "cost": 0.001})
         if cap.kind == "knowledge":
-            return Response(True, {"passages": [], "answer": "", "confidence": 0.0})
+            return Response(True, {"passages": self.passages, "answer": "", "confidence": 0.8 if self.passages else 0})
+        if cap.kind == "camera":  # the stream reference a camera hands to the vision agent
+            return Response(True, {"source": "synthetic", "seed": int(cap.options["seed"]), "frames": 60})
+        if cap.kind == "vision":  # a confident count that differs per camera: its seed's last digit
+            return Response(True, {"count": data["seed"] % 10, "confidence": 0.9, "method": "test"})
         raise AssertionError(f"unexpected request to {agent_id}/{capability}")
 
     async def pool_request(self, *a: Any, **k: Any) -> Response:
@@ -177,3 +182,45 @@ async def test_a_private_site_policy_keeps_even_general_questions_off_the_cloud(
     r, d = await _ask(world, "Who wrote Hamlet?", "cloud-only", policy="private")
     assert r["tier"] == "none" and r["privacy"] == "private" and "not sent to the cloud" in r["answer"]
     assert "cloud" not in _kinds(world, d)
+
+
+async def test_a_users_lower_bound_is_a_minimum(world):
+    r, _ = await _ask(world, "Is my SpO₂ below 93%?")
+    assert r["decision"] == "within" and "above the minimum of 93" in r["answer"], r["answer"]
+    assert "None" not in r["answer"] and r["privacy"] == "private"
+    r, _ = await _ask(world, "Is it colder than 25 degrees in the kitchen?")
+    assert r["decision"] == "below" and "21.5" in r["answer"]
+
+
+async def test_camera_counts_of_two_places_are_compared(world):
+    r, d = await _ask(world, "Are there more cars at Central Station or at Harbour Gate?")
+    assert r["state"] == "done" and r["tier"] == "edge", (r["reason"], r["trace"])
+    # cam-station seed 101 -> 1, cam-harbour seed 202 -> 2: more at Harbour Gate
+    assert r["values"] == {"Central Station": 1.0, "Harbour Gate": 2.0} and r["decision"] == "Harbour Gate"
+    cams = sorted(c[0] for c in d.calls if c[0].startswith("cam-"))
+    assert cams == ["cam-harbour", "cam-station"] and sum(c[1] == "vision" for c in d.calls) == 2
+
+
+async def test_a_document_question_goes_to_the_agent_whose_declared_topics_hold_its_words(world):
+    r, d = await _ask(world, "What SpO2 should COPD patients aim for?")
+    assert [c[0] for c in d.calls] == ["kb-clinic"]  # no sensor read: a question about the guidelines
+    assert r["privacy"] == "private" and r["tier"] != "cloud"
+
+
+async def test_a_passage_about_something_else_is_not_an_answer(world):
+    cards, configs = world
+    r, d = await _ask(world, "What does NEWS2 measure?")
+    assert [c[0] for c in d.calls] == ["kb-clinic"] and r["state"] == "done"
+    # the dispatcher's knowledge agent now finds only an unrelated passage: refused, not answered with it
+    dispatcher = AnswerDispatcher(configs)
+    dispatcher.passages = [{"doc": "oxygen_saturation.md", "title": "Measurement pitfalls",
+                            "text": "Cold fingers and nail varnish cause falsely low readings."}]  # fmt: skip
+    engine = Engine(StoreDirectory(cards), dispatcher)
+
+    async def emit(_state: str, _extra: Mapping[str, Any]) -> None:
+        return None
+
+    out = (await engine.run(Submission("t2", "What does NEWS2 measure?", deadline_s=5), get_strategy(
+        "capability-aware"), emit)).to_dict("t2")  # fmt: skip
+    assert out["answer"] is None or "nail varnish" not in str(out["answer"]), out
+    assert out["tier"] != "cloud"

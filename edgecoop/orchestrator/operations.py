@@ -44,18 +44,26 @@ def _read_steps(spec: TaskSpec, question: str) -> tuple[Step, ...]:
     )  # fmt: skip
 
 
-def _count_stages(t: Target, question: str) -> list[tuple[Step, ...]]:
+def _count_stages(t: Target, question: str, key: str = "") -> list[tuple[Step, ...]]:
+    """The camera's stream, then a vision agent's count of it; ``key`` tells several cameras' steps apart."""
     op = lexicon().objects[t.modality][0]
 
     def vision_input(results: Results) -> dict[str, Any]:
-        stream = dict(results["camera"])
+        stream = dict(results[f"camera{key}"])
         stream.pop("location", None)
         return {"op": op, **stream}
 
-    camera = Step("camera", "camera", {"op": "stream"}, modality="camera", need=f"{t.place} {question}", timeout_s=5,
-                  place=t.place)  # fmt: skip
-    vision = Step("vision", "vision", vision_input, need=f"{op.replace('_', ' ')} camera video", timeout_s=15)
+    camera = Step(f"camera{key}", "camera", {"op": "stream"}, modality="camera", need=f"{t.place} {question}",
+                  timeout_s=5, place=t.place)  # fmt: skip
+    vision = Step(f"vision{key}", "vision", vision_input, need=f"{op.replace('_', ' ')} camera video", timeout_s=15)
     return [(camera,), (vision,)]
+
+
+def _confident_count(v: Mapping[str, Any]) -> float:
+    if float(v.get("confidence", 0.0)) < MIN_VISION_CONFIDENCE:
+        raise UnservableError(f"the vision agent is not confident of its count ({v.get('confidence')}); "
+                              "no answer is better than a wrong one")  # fmt: skip
+    return float(v["count"])
 
 
 def _rule_step(modality: str, name: str = "rule") -> Step:
@@ -218,15 +226,20 @@ class Compare(OperationKind):
     operation = Operation.COMPARE
 
     def plan(self, spec: TaskSpec, question: str, *, summarize: bool = False) -> Plan:
-        if _is_object(spec.targets[0]):
-            raise UnservableError("comparing camera counts of several places is not supported; ask one place at a time")
+        if _is_object(spec.targets[0]):  # every camera's stream at once, then every count at once
+            per = [_count_stages(t, question, f":{i}") for i, t in enumerate(spec.targets)]
+            return Plan((tuple(p[0][0] for p in per), tuple(p[1][0] for p in per)), "parallel", "edge")
         return Plan((_read_steps(spec, question),), "parallel", "edge")
 
     def answer(self, spec: TaskSpec, results: Results, vocab: Vocabulary) -> Answer:
-        rows = [(t.place or "", _value(results[f"read:{i}"]), str(results[f"read:{i}"].get("unit", "")))
-                for i, t in enumerate(spec.targets)]  # fmt: skip
-        q = vocab.quantities.get(spec.targets[0].modality)
-        label = q.name if q else spec.targets[0].modality
+        if _is_object(spec.targets[0]):
+            rows = [(t.place or "", _confident_count(results[f"vision:{i}"]), "") for i, t in enumerate(spec.targets)]
+            label = f"number of {spec.targets[0].modality} seen by the camera"
+        else:
+            rows = [(t.place or "", _value(results[f"read:{i}"]), str(results[f"read:{i}"].get("unit", "")))
+                    for i, t in enumerate(spec.targets)]  # fmt: skip
+            q = vocab.quantities.get(spec.targets[0].modality)
+            label = q.name if q else spec.targets[0].modality
         hi = max(rows, key=lambda r: r[1])
         lo = min(rows, key=lambda r: r[1])
         per = ", ".join(f"{p} {fmt(v)} {u}".strip() for p, v, u in rows)
@@ -249,10 +262,7 @@ class Count(OperationKind):
     def answer(self, spec: TaskSpec, results: Results, vocab: Vocabulary) -> Answer:
         t = spec.targets[0]
         v = results["vision"]
-        count = float(v["count"])
-        if float(v.get("confidence", 0.0)) < MIN_VISION_CONFIDENCE:
-            raise UnservableError(f"the vision agent is not confident of its count ({v.get('confidence')}); "
-                                  "no answer is better than a wrong one")  # fmt: skip
+        count = _confident_count(v)
         text = f"{fmt(count)} {t.modality} passed the camera at {t.place} in the last clip."
         if t.modality != "vehicles":
             text = f"{fmt(count)} {t.modality} seen by the camera at {t.place} in the last clip."
