@@ -304,7 +304,10 @@ def cmd_knowledge_topics(args: argparse.Namespace) -> int:
     files: list[Path] = []
     for name in args.paths:
         p = Path(name)
-        files += sorted(f for f in p.rglob("*") if f.suffix in (".md", ".markdown", ".txt")) if p.is_dir() else [p]
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix in (".md", ".markdown", ".txt"))
+        elif p.is_file():
+            files.append(p)
     if not files:
         print("no .md/.txt documents found", file=sys.stderr)
         return 2

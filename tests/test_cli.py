@@ -83,3 +83,17 @@ def test_bad_agent_config_is_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "edgecoop.cli", "agent", str(bad)], capture_output=True, text=True,
                          timeout=30)  # fmt: skip
     assert out.returncode == 2 and "forbidden characters" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_knowledge_topics_suggests_a_toml_line_of_the_documents_words(tmp_path, capsys):
+    import tomllib
+
+    from edgecoop.cli import main
+
+    (tmp_path / "a.md").write_text("# Allotment rules\n\nSheds need a permit. A shed permit costs 20.\n")
+    (tmp_path / "b.txt").write_text("Compost heaps must stay 2 m from a fence; compost is collected on Mondays.\n")
+    assert main(["knowledge-topics", str(tmp_path)]) == 0
+    topics = tomllib.loads(capsys.readouterr().out)["topics"]
+    assert topics[:2] == ["allotment", "rules"]  # heading words first
+    assert {"permit", "compost"} <= set(topics) and "sheds" not in topics  # then words that recur; a single word not
+    assert main(["knowledge-topics", str(tmp_path / "missing")]) == 2
