@@ -330,7 +330,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # -- orchestrator and tasks ---------------------------------------------------------------------------
 _ORCH_DEFAULTS: dict[str, Any] = {
     "id": "orchestrator", "strategy": "capability-aware", "classifier": "rule", "model": "smollm2-135m",
-    "db": "tasks.db", "summarize": False, "site": None, "site_costs": {}, "privacy": None,
+    "db": "tasks.db", "summarize": False, "site": None, "site_costs": {}, "privacy": None, "pool": None,
+    "pool_log_expiry_s": 600.0,
 }  # fmt: skip
 
 
@@ -390,10 +391,11 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
             broker, topics=Topics(prefix), orchestrator_id=conf["id"], strategy=conf["strategy"],
             model_parser=model_parser, db_path=conf["db"], summarize=bool(conf["summarize"]),
             site=conf["site"], site_costs=parse_site_costs(conf["site_costs"]), admission=conf["admission"],
-            privacy_policy=conf["privacy"],
+            privacy_policy=conf["privacy"], pool=conf["pool"], pool_log_expiry_s=float(conf["pool_log_expiry_s"]),
         ) as orch:  # fmt: skip
+            pool = f", pool {conf['pool']}" if conf["pool"] else ""
             print(
-                f"orchestrator {conf['id']} ({conf['strategy']}, {parser_name} parser) on {broker.describe()}",
+                f"orchestrator {conf['id']} ({conf['strategy']}, {parser_name} parser{pool}) on {broker.describe()}",
                 flush=True,
             )
             from edgecoop.orchestrator.metrics import register_orchestrator
@@ -575,6 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="privacy floor of every task (a health hub: private); default: derived per task")  # fmt: skip
     p.add_argument("--summarize", action="store_true", default=None, help="add an SLM summary step to pipelines")
     p.add_argument("--site", default=None, help="this orchestrator's site: its agents first, others over the bridges")
+    p.add_argument("--pool", default=None, metavar="NAME", help="join the orchestrator pool NAME: tasks shared "
+                   "through $share/NAME/<prefix>/tasks/submit, taken over when a member dies (docs/scaling.md)")  # fmt: skip
+    p.add_argument("--pool-log-expiry", dest="pool_log_expiry_s", type=float, default=None, metavar="S",
+                   help="seconds the pool's task log keeps a task's claim and result on the broker (default 600)")  # fmt: skip
     p.add_argument("--site-cost", dest="site_costs", action="append", default=None, metavar="SITE=COST",
                    help="network cost of reaching another site (repeatable; unlisted sites cost 5, our own 0)")  # fmt: skip
     _add_metrics_args(p)

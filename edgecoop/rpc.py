@@ -64,6 +64,7 @@ class Requester:
         resend_interval: float = 2.0,
         site: str | None = None,
         reply_id: str | None = None,
+        defer_acks: bool = False,
     ) -> None:
         self.conn = conn
         self.topics = topics
@@ -92,6 +93,11 @@ class Requester:
         self.acks_failed = 0
         self.resend_interval = resend_interval
         self.bad_replies = 0
+        #: ``defer_acks``: durable results are acknowledged by :meth:`ack_task` (once the task's outcome is
+        #: recorded), not on arrival: until then a re-run of the task (after a crash, by another orchestrator of
+        #: a pool) is answered from the agents' outboxes instead of executing again
+        self.defer_acks = defer_acks
+        self._unacked: dict[str, dict[str, list[str]]] = {}
 
     @staticmethod
     def subscription(topics: Topics, client_id: str) -> tuple[str, int]:
@@ -213,7 +219,10 @@ class Requester:
                             with contextlib.suppress(EdgecoopError):
                                 await self.conn.publish(topic, payload, qos=1, properties=properties, wait=timeout)
                 if request.rid and agent_id:
-                    await self._ack(agent_id, request.rid)
+                    if self.defer_acks and request.task_id:
+                        self._unacked.setdefault(request.task_id, {}).setdefault(agent_id, []).append(request.rid)
+                    else:
+                        await self._ack(agent_id, [request.rid])
                 return response
             except TimeoutError as exc:
                 raise RequestTimeout(
@@ -261,12 +270,21 @@ class Requester:
             counts[p.agent_id] = counts.get(p.agent_id, 0) + 1
         return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
-    async def _ack(self, agent_id: str, rid: str) -> None:
-        """Tell the agent it may drop this result from its outbox (best effort: the outbox is bounded anyway)."""
+    async def _ack(self, agent_id: str, rids: list[str]) -> None:
+        """Tell the agent it may drop these results from its outbox (best effort: the outbox is bounded anyway)."""
         try:
-            await self.conn.publish(self.topics.ack(agent_id), encode({"v": 1, "type": "ack", "rids": [rid]}), wait=1)
+            await self.conn.publish(self.topics.ack(agent_id), encode({"v": 1, "type": "ack", "rids": rids}), wait=1)
         except (EdgecoopError, TimeoutError):
             self.acks_failed += 1
+
+    async def ack_task(self, task_id: str) -> None:
+        """Acknowledge the durable results a task received (with ``defer_acks``), one message per agent."""
+        for agent_id, rids in self._unacked.pop(task_id, {}).items():
+            await self._ack(agent_id, rids)
+
+    def forget_task(self, task_id: str) -> None:
+        """Drop a task's deferred acks unsent (it was handed to another orchestrator, or is shutting down)."""
+        self._unacked.pop(task_id, None)
 
     async def resend(self, client: Any) -> int:
         """Publish every pending request again (call from the connection's on_connect hook after a reconnect).

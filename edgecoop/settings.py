@@ -318,6 +318,11 @@ class OrchestratorTable:
     site_costs: dict[str, float] = dataclasses.field(default_factory=dict)
     #: the privacy floor of every task this orchestrator runs (a health hub: "private"); unset = derived per task
     privacy: Literal["public", "site", "private"] | None = None
+    #: join a pool of orchestrators of this name: a shared subscription to the submit topic and a task log on the
+    #: broker, so each task runs on one member and survives the member's death (docs/scaling.md)
+    pool: str | None = None
+    #: how long the pool's task log keeps a task's claim and result on the broker (re-sends are answered from it)
+    pool_log_expiry_s: float = 600.0
 
 
 #: the tables an orchestrator file may have

@@ -15,6 +15,7 @@ Contract (``<p>`` is the namespace prefix, default ``edgecoop/v1``)::
     <p>/sites/<site>/reply/<client>                    a reply to a requester at <site> (bridged)
     <p>/tasks/submit                     tasks from any MQTT client (JSON or msgpack)
     <p>/tasks/events/<task>              task lifecycle events for dashboards, not retained
+    <p>/tasks/log/<task>                 retained task log of an orchestrator pool: claim, then result (expiring)
     <p>/orchestrators/<id>/status        retained orchestrator availability
     <p>/orchestrators/<id>/alarm         retained overload alarm (the broker dropped messages), active or cleared
 
@@ -87,6 +88,7 @@ class Kind(enum.StrEnum):
     REPLY = "reply"
     TASK_SUBMIT = "submit"
     TASK_EVENT = "events"
+    TASK_LOG = "log"
     ORCHESTRATOR_STATUS = "orchestrator_status"
     ORCHESTRATOR_ALARM = "orchestrator_alarm"
     ACK = "ack"
@@ -170,6 +172,14 @@ class Topics:
     def task_submit(self) -> str:
         return f"{self.prefix}/tasks/submit"
 
+    def task_submit_shared(self, group: str) -> str:
+        """The submit topic as a shared subscription: each submission goes to one member of ``group``."""
+        return f"$share/{validate_id(group, 'share group')}/{self.task_submit()}"
+
+    def task_log(self, task_id: str) -> str:
+        """A pool's retained record of one task: who runs it (a claim), then its result (docs/scaling.md)."""
+        return f"{self.prefix}/tasks/log/{validate_id(task_id, 'task id')}"
+
     def task_event(self, task_id: str) -> str:
         return f"{self.prefix}/tasks/events/{validate_id(task_id, 'task id')}"
 
@@ -194,6 +204,9 @@ class Topics:
 
     def all_task_events(self) -> str:
         return f"{self.prefix}/tasks/events/+"
+
+    def all_task_logs(self) -> str:
+        return f"{self.prefix}/tasks/log/+"
 
     def all_orchestrator_status(self) -> str:
         return f"{self.prefix}/orchestrators/+/status"
@@ -240,6 +253,8 @@ class Topics:
                 return ParsedTopic(Kind.TASK_SUBMIT)
             case ["tasks", "events", task]:
                 return ParsedTopic(Kind.TASK_EVENT, validate_id(task, "task id"))
+            case ["tasks", "log", task]:
+                return ParsedTopic(Kind.TASK_LOG, validate_id(task, "task id"))
             case ["orchestrators", orch, "status"]:
                 return ParsedTopic(Kind.ORCHESTRATOR_STATUS, validate_id(orch, "orchestrator id"))
             case ["orchestrators", orch, "alarm"]:

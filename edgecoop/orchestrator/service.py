@@ -3,6 +3,9 @@
 Any MQTT client may submit: publish JSON ``{"question": "..."}`` on ``<prefix>/tasks/submit`` with an MQTT 5
 Response Topic (and optionally Correlation Data); the answer comes back on that topic in the request's format.
 Lifecycle events for dashboards go to ``<prefix>/tasks/events/<task_id>``.
+
+With ``pool``, several orchestrators share the submit topic (a shared subscription) and a task log on the broker
+(:mod:`edgecoop.orchestrator.pool`): each task runs on one of them, and another takes it over if that one dies.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from edgecoop.messages import Status
 from edgecoop.orchestrator.admission import LOCAL, Admission, AdmissionSettings, Pacer, Ticket, client_of, rejection
 from edgecoop.orchestrator.engine import Engine, Submission, TaskOutcome
 from edgecoop.orchestrator.parser import Parser
+from edgecoop.orchestrator.pool import Record, TaskLog
 from edgecoop.orchestrator.spec import TaskSpec
 from edgecoop.orchestrator.store import TaskStore
 from edgecoop.orchestrator.strategies import STRATEGIES, Strategy, get_strategy
@@ -99,7 +103,14 @@ class Orchestrator:
         site_costs: Mapping[str, float] | None = None,
         alarm_clear_after_s: float = 30.0,
         admission: AdmissionSettings | None = None,
+        pool: str | None = None,
+        pool_log_expiry_s: float = 600.0,
     ) -> None:
+        if pool is not None:
+            validate_id(pool, "orchestrator pool")
+            # a member's session ends with its connection: Mosquitto keeps handing shared-subscription messages
+            # to a dead member's persistent session (measured with worker pools, docs/scaling.md)
+            settings = dataclasses.replace(settings, session_expiry_s=0)
         self.settings = settings
         self.topics = topics or Topics()
         self.orchestrator_id = validate_id(orchestrator_id, "orchestrator id")
@@ -121,12 +132,15 @@ class Orchestrator:
         self.counters: Counter[str] = Counter()
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._running: set[asyncio.Task[None]] = set()
+        self.pool = pool
+        submit = self.topics.task_submit_shared(pool) if pool else self.topics.task_submit()
         self.conn = Connection(
             settings,
             self.orchestrator_id,
-            subscriptions=[(self.topics.task_submit(), 1), Requester.subscription(self.topics, self.orchestrator_id),
+            subscriptions=[(submit, 1), Requester.subscription(self.topics, self.orchestrator_id),
                            DropMonitor.subscription()]
-            + ([Requester.site_subscription(self.topics, site, self.orchestrator_id)] if site else []),
+            + ([Requester.site_subscription(self.topics, site, self.orchestrator_id)] if site else [])
+            + ([(self.topics.all_task_logs(), 1), (self.topics.all_orchestrator_status(), 1)] if pool else []),
             handler=self._on_message,
             will=lambda: aiomqtt.Will(self.topics.orchestrator_status(self.orchestrator_id),
                                       encode(Status(self.orchestrator_id, False, self._epoch).to_dict()), 1, True),
@@ -137,12 +151,19 @@ class Orchestrator:
         # credentials would take this one over (and back, forever)
         self.mirror = CmsMirror(settings, topics=self.topics, client_id=f"{orchestrator_id}-cms", connection=self.conn)
         self._epoch = time.time_ns() // 1_000_000
+        #: the pool's task log (None: a lone orchestrator, its SQLite store decides alone)
+        self.log: TaskLog | None = None
+        if pool:
+            self.log = TaskLog(self.topics, self.orchestrator_id, self._epoch, self.conn.publish,
+                               expiry_s=pool_log_expiry_s, counters=self.counters, on_orphans=self._take_over)  # fmt: skip
         # with a site: agents of other sites are reached through the bridges, and ranked after local ones
         self.sites = SiteCosts(site, dict(site_costs or {}))
         # At most 8 requests in flight to one agent: they and their acks stay inside Mosquitto's 20-message
         # in-flight window for that client, so nothing of ours waits in its queue (dropped beyond
         # max_queued_messages). With 16, a slow agent behind a 10-message queue lost 20-40 messages per 60 tasks.
-        self.requester = Requester(self.conn, self.topics, site=site, max_in_flight_per_agent=8)
+        # acks deferred until the task's result is recorded: a task re-run after a crash (here, or by another
+        # member of the pool) gets the steps already executed from the agents' outboxes, never executed twice
+        self.requester = Requester(self.conn, self.topics, site=site, max_in_flight_per_agent=8, defer_acks=True)
         # the broker's silent queue overflow: counted, logged, alarmed (retained); the re-sends recover
         self.overload = DropMonitor(
             self.orchestrator_id, self.counters, publish=self._publish_alarm, suspects=self.requester.backlog,
@@ -198,6 +219,12 @@ class Orchestrator:
             self._stack.callback(refusals.cancel)
             await self.mirror.wait_reconciled()
             await self.mirror.sync()
+            if self.log is not None:
+                # the task log's retained records came before the mirror's barrier: the pool decides what runs
+                upkeep = self._tg.create_task(self.log.run(), name=f"orchestrator[{self.orchestrator_id}].pool")
+                self._stack.callback(upkeep.cancel)
+                self.log.start()
+                return self
             for rec in await self._worker.run(self.store.unfinished):
                 self.counters["recovered"] += 1
                 self.admission.hold(rec["task_id"])  # admitted before the restart: its re-sends wait for it
@@ -222,6 +249,8 @@ class Orchestrator:
     # -- intake ----------------------------------------------------------------------------------------------
     async def _on_message(self, message: Message) -> None:
         if self.requester.handle(message) or self.overload.handle(message) or self.mirror.handle(message):
+            return
+        if self.log is not None and self.log.handle(message):
             return
         # a submission: out of the MQTT inbox at once (agents' replies wait behind nothing), into the fair,
         # bounded intake queue of admission.py, keyed by the Response Topic (read without decoding)
@@ -275,6 +304,11 @@ class Orchestrator:
         if task_id in self.admission.active:  # a re-send of a task in progress: answered when it ends
             self.counters["duplicate"] += 1
             return task_id
+        if self.log is not None and (held := self.log.get(task_id)) is not None and not self.log.orphaned(held):
+            self.counters["duplicate"] += 1  # run by a live member (answered when it ends), or ended
+            if held.terminal:
+                await self._answer_from_log(held, route)
+            return task_id
         if "task_id" in sub:  # a re-send of a task that ended (or was recovered) gets its answer, never a refusal
             assert self.store is not None
             if (rec := await self._worker.run(self.store.get, task_id)) is not None:
@@ -313,20 +347,72 @@ class Orchestrator:
         assert self.store is not None
         created = False
         try:
-            created = await self._worker.run(
-                self.store.create, task_id, sub["question"], strategy.name, sub,
-                route.response_topic if route else None, route.correlation if route else None,
-                route.fmt.value if route else Format.MSGPACK.value,
-            )  # fmt: skip
+            if self.log is not None:
+                created = await self._claim(task_id, sub, route)
+            else:
+                created = await self._worker.run(
+                    self.store.create, task_id, sub["question"], strategy.name, sub,
+                    route.response_topic if route else None, route.correlation if route else None,
+                    route.fmt.value if route else Format.MSGPACK.value,
+                )  # fmt: skip
         finally:
             if not created:
                 ticket.release()
                 self.admission.finished(task_id)
         if not created:
-            await self._duplicate(task_id, route, await self._worker.run(self.store.get, task_id))
+            if self.log is None:
+                await self._duplicate(task_id, route, await self._worker.run(self.store.get, task_id))
             return
         self.counters["accepted"] += 1
         self._start(task_id, sub, route, ticket, understood, parse_ms)
+
+    # -- the pool ---------------------------------------------------------------------------------------------
+    async def _claim(self, task_id: str, sub: dict[str, Any], route: ReplyContext | None) -> bool:
+        """Claim the task in the pool's log; True if this member runs it (stored locally too)."""
+        assert self.log is not None and self.store is not None
+        won = await self.log.claim(task_id, sub, route)
+        if won is None or not self.log.mine(won) or won.terminal:
+            self.counters["duplicate"] += 1  # another member runs it (or ran it): it answers
+            if won is not None and won.terminal:
+                await self._answer_from_log(won, route)
+            return False
+        await self._worker.run(
+            self.store.adopt, task_id, sub["question"], self.strategy(sub.get("strategy")).name, sub,
+            route.response_topic if route else None, route.correlation if route else None,
+            route.fmt.value if route else Format.MSGPACK.value,
+        )  # fmt: skip
+        return True
+
+    async def _answer_from_log(self, rec: Record, route: ReplyContext | None) -> None:
+        assert rec.result is not None
+        if route is not None:
+            await self._send(route, rec.result)
+        if (fut := self._waiters.get(rec.task_id)) is not None and not fut.done():
+            fut.set_result(rec.result)
+
+    def _take_over(self, orphans: list[Record]) -> None:
+        """The pool's log found tasks of a dead member for this one: claim each and run it from the start."""
+        for rec in orphans:
+            if rec.task_id in self.admission.active:
+                continue  # taken over already (or a re-send of it is being admitted)
+            self.admission.hold(rec.task_id)
+            t = self._tg.create_task(self._take_over_one(rec), name=f"orchestrator[{self.orchestrator_id}].takeover")
+            self._running.add(t)
+            t.add_done_callback(self._running.discard)
+
+    async def _take_over_one(self, rec: Record) -> None:
+        sub = rec.request
+        try:
+            mine = await self._claim(rec.task_id, sub, rec.route)
+        except BaseException:
+            self.admission.finished(rec.task_id)
+            raise
+        if not mine:
+            self.admission.finished(rec.task_id)
+            return
+        self.counters["taken_over"] += 1
+        log.info("orchestrator %s: took over task %s from %s", self.orchestrator_id, rec.task_id, rec.owner)
+        self._start(rec.task_id, sub, rec.route)
 
     async def _duplicate(self, task_id: str, route: ReplyContext | None, rec: Mapping[str, Any] | None) -> None:
         self.counters["duplicate"] += 1
@@ -390,6 +476,7 @@ class Orchestrator:
             if ticket is not None:
                 ticket.release()
             self.admission.finished(task_id)
+            self.requester.forget_task(task_id)  # not acked: the outcome was not recorded (shutting down)
 
     async def _run_admitted(self, task_id: str, sub: Mapping[str, Any], route: ReplyContext | None,
                             ticket: Ticket | None, understood: TaskSpec | None, parse_ms: float) -> None:  # fmt: skip
@@ -436,6 +523,11 @@ class Orchestrator:
             result = TaskOutcome("failed", None, "none", None, {}, reason=f"internal error: {exc!r}").to_dict(task_id)
         result["question"] = spec.question
         result["strategy"] = strategy.name
+        if self.log is not None:
+            result["orchestrator"] = self.orchestrator_id
+            if not await self.log.finish(task_id, result):  # taken over meanwhile, or ended elsewhere: not ours
+                self.counters["late_duplicate"] += 1
+                return
         assert self.store is not None
         first = await self._worker.run(self.store.finish, task_id, result["state"], result, result["tier"])
         if not first:
@@ -453,6 +545,7 @@ class Orchestrator:
         fut = self._waiters.get(task_id)
         if fut is not None and not fut.done():
             fut.set_result(result)
+        await self.requester.ack_task(task_id)  # the outcome is recorded: the agents may forget the results
 
     async def _event(self, task_id: str, state: str, question: str, extra: Mapping[str, Any]) -> None:
         event = {"v": 1, "type": "task_event", "task_id": task_id, "state": state, "question": question,

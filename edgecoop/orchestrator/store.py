@@ -61,6 +61,19 @@ class TaskStore:
             return False
         return True
 
+    def adopt(
+        self, task_id: str, question: str, strategy: str, request: dict[str, Any], reply_topic: str | None,
+        correlation: bytes | None, reply_format: str,
+    ) -> None:  # fmt: skip
+        """Insert or restart a task this orchestrator runs for a pool (the pool's task log, not this table,
+        decides who runs a task id: it may be one this database saw before, under an earlier process)."""
+        now = time.time()
+        self.db.execute(
+            "INSERT OR REPLACE INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (task_id, question, "received", strategy, reply_topic, correlation, reply_format, json.dumps(request),
+             None, None, now, now),
+        )  # fmt: skip
+
     def set_state(self, task_id: str, state: str) -> None:
         self.db.execute(
             "UPDATE tasks SET state = ?, updated = ? WHERE task_id = ? AND state NOT IN ('done','failed','timed_out')",

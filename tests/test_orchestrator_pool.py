@@ -1,0 +1,169 @@
+"""A pool of orchestrators: one shared submit topic, one run per task id, answers from the broker's task log, and
+failover without loss when a member is SIGKILLed. Real Mosquitto, real agents, real orchestrator processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+import pytest
+
+from edgecoop.agents import Agent
+from edgecoop.connection import BrokerSettings, Connection, Message
+from edgecoop.orchestrator import Orchestrator
+from edgecoop.orchestrator.pool import Record, TaskLog
+from edgecoop.scenarios.loader import load_scenario
+from edgecoop.taskclient import TaskClient
+from edgecoop.topics import Topics
+from edgecoop.wire import decode
+
+STATIONS = {"air-park": "City Park", "air-station": "Central Station", "air-oldtown": "Old Town Square",
+            "air-harbour": "Harbour Gate"}  # fmt: skip
+QUESTIONS = [f"What is the {q} level at {place}?" for place in STATIONS.values() for q in ("PM2.5", "NO2")]
+
+
+def _stations(settings: BrokerSettings, topics: Topics, tmp_path, executed: Counter[str], delay_s: float) -> list[Agent]:
+    """The urban scenario's air stations with durable outboxes on disk; every execution of a request is counted
+    per task id (and takes ``delay_s``, so that members die while tasks are at the agents)."""
+    configs = load_scenario("urban", settings, prefix=topics.prefix, include=set(STATIONS))
+    agents = [Agent(dataclasses.replace(c, state_dir=tmp_path / c.agent_id)) for c in configs]
+    for agent in agents:
+        for handler in agent.handlers.values():
+            real = handler.handle
+
+            async def handle(data: Any, call: Any, _real: Any = real) -> Any:
+                executed[call.task_id] += 1
+                await asyncio.sleep(delay_s)
+                return await _real(data, call)
+
+            handler.handle = handle  # type: ignore[method-assign]
+    return agents
+
+
+class Replies:
+    """Every reply published to a client's reply topic, by task id (a second subscriber beside the client)."""
+
+    def __init__(self, settings: BrokerSettings, topics: Topics, client_id: str) -> None:
+        self.by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.first_at: dict[str, float] = {}
+        self.conn = Connection(settings, f"{client_id}-spy", subscriptions=[(topics.reply(client_id), 1)],
+                               handler=self._on, clean_start=True)  # fmt: skip
+
+    def _on(self, message: Message) -> None:
+        corr = getattr(message.properties, "CorrelationData", b"")
+        task_id = corr.decode() if isinstance(corr, bytes) else ""
+        self.by_task[task_id].append(decode(message.payload if isinstance(message.payload, bytes) else b"")[0])
+        self.first_at.setdefault(task_id, time.monotonic())
+
+
+async def _retained_log(settings: BrokerSettings, topics: Topics) -> dict[str, Record]:
+    """The pool's task log as the broker holds it (a late joiner's view)."""
+    seen: dict[str, Record] = {}
+    barrier = asyncio.Event()
+
+    def on(message: Message) -> None:
+        if str(message.topic) == topics.reply("log-reader"):
+            barrier.set()
+        elif message.payload:
+            rec = Record.from_dict(decode(message.payload if isinstance(message.payload, bytes) else b"")[0])
+            seen[rec.task_id] = rec
+
+    subs = [(topics.all_task_logs(), 1), (topics.reply("log-reader"), 1)]
+    async with Connection(settings, "log-reader", subscriptions=subs, handler=on, clean_start=True) as conn:
+        await conn.publish(topics.reply("log-reader"), b"barrier")  # after every retained message of the subscribe
+        async with asyncio.timeout(20):
+            await barrier.wait()
+    return seen
+
+
+@pytest.mark.timeout(120)
+async def test_a_pool_runs_each_task_once_and_answers_resubmissions_from_any_member(settings, topics, tmp_path):
+    executed: Counter[str] = Counter()
+    agents = _stations(settings, topics, tmp_path, executed, delay_s=0.0)
+    async with contextlib.AsyncExitStack() as stack:
+        for a in agents:
+            await stack.enter_async_context(a)
+        members = [
+            await stack.enter_async_context(
+                Orchestrator(settings, topics=topics, orchestrator_id=f"orch-{i}", pool="city", db_path=":memory:")
+            )
+            for i in range(2)
+        ]
+        replies = Replies(settings, topics, "pool-client")
+        await stack.enter_async_context(replies.conn)
+        client = await stack.enter_async_context(TaskClient(settings, topics=topics, client_id="pool-client"))
+        results = await asyncio.gather(
+            *(client.submit(QUESTIONS[i % len(QUESTIONS)], task_id=f"t{i:02d}", timeout=60) for i in range(40))
+        )
+        assert [r["state"] for r in results] == ["done"] * 40, [r.get("answer") for r in results]
+        # the shared subscription spread the tasks; each ran on exactly one member and once at an agent
+        ran = Counter(r["orchestrator"] for r in results)
+        assert set(ran) == {"orch-0", "orch-1"}, ran
+        assert sum(m.counters["done"] for m in members) == 40
+        assert executed == Counter({f"t{i:02d}": 1 for i in range(40)})
+        # re-submissions (another client, the same ids, many times) reach either member: answered with the
+        # recorded result, never run again
+        async with TaskClient(settings, topics=topics, client_id="pool-again") as again:
+            for _ in range(3):  # a client has one submission per task id in flight
+                repeats = await asyncio.gather(
+                    *(again.submit(QUESTIONS[0], task_id=f"t{i:02d}", timeout=30) for i in range(10))
+                )
+                assert repeats == results[:10]
+        assert executed == Counter({f"t{i:02d}": 1 for i in range(40)})
+        assert sum(m.counters["duplicate"] for m in members) >= 30
+        assert {k: len(v) for k, v in replies.by_task.items()} == {f"t{i:02d}": 1 for i in range(40)}
+    log = await _retained_log(settings, topics)
+    assert {t: (r.state, r.result) for t, r in log.items()} == {r["task_id"]: ("done", r) for r in results}
+
+
+@pytest.mark.timeout(60)
+async def test_simultaneous_claims_of_one_task_have_one_winner_everywhere(settings, topics):
+    """Two members claim the same task id at the same moment (a re-send racing the original): every member sees
+    the same winner, and the retained record ends up the winner's."""
+    logs: list[TaskLog] = []
+    conns: list[Connection] = []
+    async with contextlib.AsyncExitStack() as stack:
+        for i in range(3):
+            holder: list[TaskLog] = []
+            conn = Connection(settings, f"m{i}", subscriptions=[(topics.all_task_logs(), 1)],
+                              handler=lambda m, h=holder: h[0].handle(m), clean_start=True)  # fmt: skip
+            tl = TaskLog(topics, f"m{i}", 1000 + i, conn.publish, expiry_s=60)
+            holder.append(tl)
+            logs.append(tl)
+            conns.append(await stack.enter_async_context(conn))
+        upkeep = [asyncio.create_task(tl.run()) for tl in logs]
+        try:
+            for round_ in range(10):
+                task_id = f"race-{round_}"
+                won = await asyncio.gather(*(tl.claim(task_id, {"question": "q"}, None) for tl in logs))
+                assert all(w is not None for w in won)
+                owners = {(w.owner, w.gen) for w in won if w is not None}
+                assert len(owners) == 1, owners  # one winner, the same for everybody
+                assert sum(tl.mine(w) for tl, w in zip(logs, won, strict=True) if w is not None) == 1
+            # the losers' claims came later and were published last: the winners re-assert theirs
+            await asyncio.sleep(0)
+            async with asyncio.timeout(20):
+                while True:
+                    retained = await _retained_log(settings, topics)
+                    if all(retained[f"race-{r}"].owner == logs[0].get(f"race-{r}").owner for r in range(10)):  # type: ignore[union-attr]
+                        break
+                    await asyncio.sleep(0.5)
+            # the winner's result is final for every member; a second result for the task is refused
+            first = logs[0].get("race-0")
+            assert first is not None
+            winner = next(tl for tl in logs if tl.mine(first))
+            assert await winner.finish("race-0", {"state": "done", "answer": "42"})
+            loser = next(tl for tl in logs if not tl.mine(first))
+            assert not await loser.finish("race-0", {"state": "done", "answer": "other"})
+        finally:
+            for t in upkeep:
+                t.cancel()
