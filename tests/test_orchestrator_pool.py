@@ -31,7 +31,9 @@ STATIONS = {"air-park": "City Park", "air-station": "Central Station", "air-oldt
 QUESTIONS = [f"What is the {q} level at {place}?" for place in STATIONS.values() for q in ("PM2.5", "NO2")]
 
 
-def _stations(settings: BrokerSettings, topics: Topics, tmp_path, executed: Counter[str], delay_s: float) -> list[Agent]:
+def _stations(
+    settings: BrokerSettings, topics: Topics, tmp_path, executed: Counter[str], delay_s: float
+) -> list[Agent]:
     """The urban scenario's air stations with durable outboxes on disk; every execution of a request is counted
     per task id (and takes ``delay_s``, so that members die while tasks are at the agents)."""
     configs = load_scenario("urban", settings, prefix=topics.prefix, include=set(STATIONS))
@@ -167,3 +169,144 @@ async def test_simultaneous_claims_of_one_task_have_one_winner_everywhere(settin
         finally:
             for t in upkeep:
                 t.cancel()
+
+
+ORCHESTRATOR_CMD = [sys.executable, "-m", "edgecoop.cli", "orchestrator"]
+
+
+class Member:
+    """One orchestrator of the pool as its own process (``edgecoop orchestrator --pool``), restartable."""
+
+    def __init__(self, member_id: str, settings: BrokerSettings, topics: Topics, tmp_path) -> None:
+        config = tmp_path / "orchestrator.toml"
+        config.write_text("[admission]\nclient_rate = 0\n")  # one test client sends everything: no rate limit
+        self.id = member_id
+        self.argv = [*ORCHESTRATOR_CMD, "--config", str(config), "--broker", settings.url, "--prefix", topics.prefix,
+                     "--pool", "city", "--id", member_id, "--db", str(tmp_path / f"{member_id}.db")]  # fmt: skip
+        self.proc: subprocess.Popen[str] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        """Start and wait for its ready line (it is connected, reconciled and taking tasks then)."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("orchestrator"), line
+        self.proc = proc
+        self.starts += 1
+
+    def kill(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.proc.stdout.close()
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc.stdout.close()
+            self.proc = None
+
+
+async def _failover_stream(settings: BrokerSettings, topics: Topics, tmp_path, *, tasks: int, kills: int,
+                           seed: int, in_flight: int, delay_s: float) -> dict[str, Any]:  # fmt: skip
+    """``tasks`` tasks over a pool of three member processes; ``kills`` SIGKILLs of a random running member at
+    random points of the stream, each restarted at once (as systemd would). Asserts that nothing is lost or run
+    twice and returns the figures."""
+    rng = random.Random(seed)
+    executed: Counter[str] = Counter()
+    agents = _stations(settings, topics, tmp_path, executed, delay_s=delay_s)
+    members = [Member(f"orch-{i}", settings, topics, tmp_path) for i in range(3)]
+    kill_points = sorted(rng.sample(range(tasks // 20, tasks - tasks // 20), kills))
+    killed_at: list[tuple[float, str]] = []
+    answered = 0
+    progress = asyncio.Condition()
+    results: dict[str, dict[str, Any]] = {}
+    latencies: dict[str, float] = {}
+    t0 = time.monotonic()
+    async with contextlib.AsyncExitStack() as stack:
+        for a in agents:
+            await stack.enter_async_context(a)
+        stack.callback(lambda: [m.stop() for m in members])
+        await asyncio.gather(*(asyncio.to_thread(m.start) for m in members))
+        replies = Replies(settings, topics, "stream")
+        await stack.enter_async_context(replies.conn)
+        client = await stack.enter_async_context(
+            TaskClient(settings, topics=topics, client_id="stream", resend_interval=1.0)
+        )
+        sem = asyncio.Semaphore(in_flight)
+        restarts: list[asyncio.Task[None]] = []
+
+        async def one(i: int) -> None:
+            nonlocal answered
+            task_id = f"task-{i:03d}"
+            async with sem:
+                started = time.monotonic()
+                results[task_id] = await client.submit(QUESTIONS[i % len(QUESTIONS)], task_id=task_id, timeout=120)
+                latencies[task_id] = time.monotonic() - started
+            async with progress:
+                answered += 1
+                progress.notify_all()
+
+        async def chaos() -> None:
+            for point in kill_points:
+                async with progress:
+                    await progress.wait_for(lambda p=point: answered >= p)
+                running = [m for m in members if m.proc is not None]
+                if not running:
+                    await asyncio.gather(*restarts)
+                    running = [m for m in members if m.proc is not None]
+                victim = rng.choice(running)
+                victim.kill()
+                killed_at.append((time.monotonic(), victim.id))
+                restarts.append(asyncio.create_task(asyncio.to_thread(victim.start)))
+
+        chaos_task = asyncio.create_task(chaos())
+        await asyncio.gather(*(one(i) for i in range(tasks)))
+        await chaos_task
+        await asyncio.gather(*restarts)
+        wall = time.monotonic() - t0
+        await asyncio.sleep(0.5)  # late duplicates of answers (re-sends answered twice) arrive too
+    ids = [f"task-{i:03d}" for i in range(tasks)]
+    assert len(killed_at) == kills and all(m.starts >= 1 for m in members)
+    # every task id: one terminal result, and it is done (the stations are all up)
+    not_done = {t: (r["state"], r.get("answer")) for t, r in results.items() if r["state"] != "done"}
+    assert sorted(results) == ids and not not_done, not_done
+    # every answer the client was sent for a task id is the same result (re-sends may be answered again)
+    differing = {t: len({repr(sorted(r.items())) for r in rs}) for t, rs in replies.by_task.items()}
+    assert set(differing) == set(ids) and set(differing.values()) == {1}, differing
+    # every durable request executed once at its agent, however many members asked for it
+    assert executed == Counter(dict.fromkeys(ids, 1)), {t: n for t, n in executed.items() if n != 1}
+    log = await _retained_log(settings, topics)
+    assert sorted(log) == ids and all(log[t].terminal and log[t].result == results[t] for t in ids)
+    taken_over = sorted((replies.first_at[t], t) for t in ids if log[t].gen > 1)
+    assert taken_over, "no kill caught a task in progress"
+    gaps: list[float] = []
+    for when, _ in taken_over:
+        before = [k for k, _ in killed_at if k <= when]
+        gaps.append(when - before[-1])
+    replayed = sum(a.counters["replayed"] + a.counters["duplicate_inflight"] for a in agents)
+    lat = sorted(latencies.values())
+    return {
+        "tasks": tasks, "kills": [m for _, m in killed_at], "wall_s": round(wall, 1),
+        "taken_over": len(taken_over), "resent_by_client": client.resent,
+        "failover_gap_s": {"min": round(min(gaps), 3), "max": round(max(gaps), 3)},
+        "agent_replays": replayed, "replies": sum(len(v) for v in replies.by_task.values()),
+        "latency_p50_s": round(lat[len(lat) // 2], 3), "latency_max_s": round(lat[-1], 3),
+    }  # fmt: skip
+
+
+@pytest.mark.timeout(240)
+async def test_sigkill_of_pool_members_during_a_200_task_stream_loses_nothing_and_runs_nothing_twice(
+    settings, topics, tmp_path
+):
+    figures = await _failover_stream(settings, topics, tmp_path, tasks=200, kills=5, seed=11, in_flight=12,
+                                     delay_s=0.4)  # fmt: skip
+    print("pool failover:", figures)
