@@ -553,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["dev", "test"], help="understanding: one split of the evaluation set only")
     p.add_argument("--eval", metavar="FILE", help="understanding: your own labelled questions (JSON lines in the "
                    "evaluation set's format, any split name but 'test') instead of the shipped set")  # fmt: skip
+    p.add_argument("--orchestrators", type=int, default=0, metavar="N",
+                   help="tasks: also pools of 1..N orchestrators, and the failover gap (docs/scaling.md)")  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
     from edgecoop.orchestrator.strategies import STRATEGIES

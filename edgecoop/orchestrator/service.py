@@ -524,7 +524,8 @@ class Orchestrator:
         result["question"] = spec.question
         result["strategy"] = strategy.name
         if self.log is not None:
-            result["orchestrator"] = self.orchestrator_id
+            result["orchestrator"] = self.orchestrator_id  # which member ran it, and in which generation:
+            result["generation"] = held.gen if (held := self.log.get(task_id)) is not None else 1  # >1: taken over
             if not await self.log.finish(task_id, result):  # taken over meanwhile, or ended elsewhere: not ours
                 self.counters["late_duplicate"] += 1
                 return
