@@ -344,6 +344,17 @@ class Orchestrator:
         except Overloaded as exc:
             await self._refuse(sub.get("task_id"), route, exc, task_id)
             return
+        if self.log is not None:  # the claim is a broker round trip: the intake goes on meanwhile
+            t = self._tg.create_task(self._store_and_start(task_id, sub, route, strategy, ticket, understood, parse_ms),
+                                     name=f"orchestrator[{self.orchestrator_id}].claim")  # fmt: skip
+            self._running.add(t)
+            t.add_done_callback(self._running.discard)
+            return
+        await self._store_and_start(task_id, sub, route, strategy, ticket, understood, parse_ms)
+
+    async def _store_and_start(self, task_id: str, sub: dict[str, Any], route: ReplyContext | None,
+                               strategy: Strategy, ticket: Ticket, understood: TaskSpec | None,
+                               parse_ms: float) -> None:  # fmt: skip
         assert self.store is not None
         created = False
         try:
