@@ -275,7 +275,12 @@ def _measure_pool(
     return out
 
 
-def run_pool(*, max_members: int = 3, clients: int = 8, window: int = 8, seconds: float = 10.0,
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ranked = sorted(runs, key=lambda r: r["tasks_per_s"])
+    return ranked[len(ranked) // 2] | {"tasks_per_s_runs": [r["tasks_per_s"] for r in runs]}
+
+
+def run_pool(*, max_members: int = 3, clients: int = 8, window: int = 8, seconds: float = 6.0, rounds: int = 3,
              quick: bool = False) -> dict[str, Any]:  # fmt: skip
     """A lone orchestrator and pools of 1..``max_members`` under the same load, then the failover run."""
     from edgecoop.benchmarks.rpc import RpcParams
@@ -283,23 +288,27 @@ def run_pool(*, max_members: int = 3, clients: int = 8, window: int = 8, seconds
     from edgecoop.scenarios.data import data_root
 
     if quick:
-        clients, window, seconds = 4, 4, 3.0
+        clients, window, seconds, rounds = 4, 4, 3.0, 1
     workdir = Path(tempfile.mkdtemp(prefix="edgecoop-bench-pool-"))
     source = (data_root() / "urban" / "agents" / "air-park.toml").read_text()
     (workdir / "air-park.toml").write_text(source.replace("max_concurrency = 8", "max_concurrency = 64"))
     (workdir / "orchestrator.toml").write_text("[admission]\nclient_rate = 0\n")
+    runs: dict[int, list[dict[str, Any]]] = {n: [] for n in range(max_members + 1)}
     try:
-        lone = _measure_pool(0, clients=clients, window=window, seconds=seconds, workdir=workdir)
-        pools = [_measure_pool(n, clients=clients, window=window, seconds=seconds, workdir=workdir)
-                 for n in range(1, max_members + 1)]  # fmt: skip
-        failover = _measure_pool(max(2, max_members), clients=clients, window=window, seconds=max(seconds, 6.0),
+        # rounds, each configuration once per round: on a shared machine the load moves between runs, and a
+        # configuration measured only in a busy minute would look slower than it is; the median run is reported
+        for _ in range(rounds):
+            for n, done in runs.items():
+                done.append(_measure_pool(n, clients=clients, window=window, seconds=seconds, workdir=workdir))
+        lone, *pools = (_median_run(done) for done in runs.values())
+        failover = _measure_pool(max(2, max_members), clients=clients, window=window, seconds=max(seconds, 8.0),
                                  workdir=workdir, kill=True)  # fmt: skip
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     rpc = run_rpc(RpcParams.quick())
     ratios = {str(p["orchestrators"]): round(p["tasks_per_s"] / lone["tasks_per_s"], 3) for p in pools}
     fail = failover["failover"] | {k: failover[k] for k in ("orchestrators", "lost", "not_done")}
-    params = {"clients": clients, "window": window, "seconds": seconds, "question": QUESTION,
+    params = {"clients": clients, "window": window, "seconds": seconds, "rounds": rounds, "question": QUESTION,
               "agent_max_concurrency": 64, "max_orchestrators": max_members}  # fmt: skip
     return {
         "benchmark": "tasks-pool",
