@@ -261,7 +261,7 @@ def _measure_pool(
         held = [s for s in m["spans"] if s[0] < k < s[1]]  # in flight when the member died
         taken = [s[1] - k for s in held if s[3] > 1]
         others = [s[1] - k for s in held if s[3] == 1]
-        after = [s[1] - s[0] for s in m["spans"] if s[0] > k + 5.0]
+        after = [s[1] - s[0] for s in m["spans"] if s[0] > k + 1.0]  # once the pool has settled
         out["failover"] = {
             "in_flight_at_kill": len(held),
             "taken_over": len(taken),

@@ -325,6 +325,13 @@ class Engine:
         found = await self.mirror.discover(q)
         if step.domain and not found:  # a knowledge base without that exact domain tag can still serve
             found = await self.mirror.discover(DiscoveryQuery(need=q.need, kind=step.kind, limit=50))
+        if run.privacy != "public" and self.sites.site is not None:  # site and private tasks stay at their site
+            local = [m for m in found if not self.sites.is_remote(m.card.get("site"))]
+            if found and not local:
+                raise StepFailed(
+                    f"only agents of other sites offer {step.kind}; a {run.privacy} task stays at its site"
+                )
+            found = local
         if q.need:  # agent-written prose never moves an agent: re-scored on declared fields only (relevance.py)
             found = rank_declared(q.need, found)
         if step.agent is not None:
