@@ -246,6 +246,48 @@ async def test_task_at_site_a_is_answered_by_an_agent_only_at_site_b(fed: Federa
     assert isinstance(r["value"], float) and air.counters["served"] == 1
 
 
+async def test_a_pool_per_site_serves_its_own_tasks_and_private_tasks_never_leave_the_site(fed: Federation):
+    """Site a runs a pool of two orchestrators, site b a pool of one, both named "city": submissions and task logs
+    are not bridged, so each pool takes its own site's tasks; a public task at a is served by b's station over the
+    bridge, a private one is refused at a and nothing of it reaches site b or the hub."""
+    from edgecoop.taskclient import TaskClient
+
+    air = _air(fed, "air-b", "b")
+    await fed.start(air)
+    hub_spy, b_spy = Spy(fed, "cloud"), Spy(fed, "b")
+    await fed.start(hub_spy.conn, b_spy.conn)  # type: ignore[arg-type]  # connections, not agents
+
+    def member(site: str, n: int) -> Orchestrator:
+        return Orchestrator(fed.settings(site), topics=fed.topics, site=site, pool="city",
+                            orchestrator_id=f"{site}-{n}", strategy="edge-only")  # fmt: skip
+
+    async with contextlib.AsyncExitStack() as stack:
+        members = [await stack.enter_async_context(member(site, n)) for site, n in (("a", 1), ("a", 2), ("b", 1))]
+        for m in members:
+            await m.mirror.wait_for(lambda s: s.count(online=True) == 1, timeout=20)
+        at_a = await stack.enter_async_context(TaskClient(fed.settings("a"), topics=fed.topics, client_id="ca"))
+        at_b = await stack.enter_async_context(TaskClient(fed.settings("b"), topics=fed.topics, client_id="cb"))
+        public = await asyncio.gather(*(at_a.submit(QUESTION, task_id=f"pa{i}", timeout=30) for i in range(6)))
+        local = await asyncio.gather(*(at_b.submit(QUESTION, task_id=f"pb{i}", timeout=30) for i in range(3)))
+        served = air.counters["served"]
+        private = await at_a.submit(QUESTION, task_id="private-a", privacy="private", timeout=30)
+    assert all(r["state"] == "done" and r["orchestrator"] in ("a-1", "a-2") for r in public), public
+    assert {r["trace"][-1]["agent"] for r in public} == {"air-b"}  # over the bridge: no station at a
+    assert all(r["state"] == "done" and r["orchestrator"] == "b-1" for r in local), local
+    assert private["state"] == "failed" and "stays at its site" in private["reason"], private
+    assert air.counters["served"] == served  # the private task's request was never sent
+    from edgecoop.wire import decode
+
+    for spy in (hub_spy, b_spy):  # no request of it; its events (bridged out for dashboards) carry only its state
+        assert not [t for t, payload, _ in spy.seen if "/req/" in t and b"private-a" in payload]
+        events = [decode(p)[0] for t, p, _ in spy.seen if t.endswith("/tasks/events/private-a")]
+        assert not [e for e in events if {"question", "answer", "trace", "plan", "classification"} & set(e)], events
+    assert [t for t, _, _ in hub_spy.seen if t.endswith("/tasks/events/private-a")]  # they did cross: redacted
+    # each site's task log stays at its site (a's tasks are logged at a only, b's at b only)
+    assert not [t for t, _, _ in b_spy.seen if "/tasks/log/pa" in t]
+    assert not [t for t, _, _ in hub_spy.seen if "/tasks/log/" in t]
+
+
 async def test_local_agents_first_then_near_sites_then_cloud(fed: Federation):
     # without the site ranking, the tie-break by agent id would pick air-1 (cloud) first, then air-2 (b)
     local, near, cloud = _air(fed, "air-3", "a"), _air(fed, "air-2", "b"), _air(fed, "air-1", "cloud")

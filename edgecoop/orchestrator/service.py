@@ -32,7 +32,7 @@ from edgecoop.orchestrator.admission import LOCAL, Admission, AdmissionSettings,
 from edgecoop.orchestrator.engine import Engine, Submission, TaskOutcome
 from edgecoop.orchestrator.parser import Parser
 from edgecoop.orchestrator.pool import Record, TaskLog
-from edgecoop.orchestrator.spec import TaskSpec
+from edgecoop.orchestrator.spec import TaskSpec, strictest
 from edgecoop.orchestrator.store import TaskStore
 from edgecoop.orchestrator.strategies import STRATEGIES, Strategy, get_strategy
 from edgecoop.overload import DropMonitor
@@ -497,8 +497,18 @@ class Orchestrator:
         )  # fmt: skip
         strategy = self.strategy(spec.strategy)
 
+        # events are bridged out of a site (a regional dashboard): with a site, a task's content shows in them only
+        # once it is known to be public; a site or private task's events say no more than its state
+        shown = strictest(self.privacy_policy, spec.privacy) if spec.privacy or self.privacy_policy else None
+
         async def emit(state: str, extra: Mapping[str, Any]) -> None:
-            await self._event(task_id, state, spec.question, extra)
+            nonlocal shown
+            if state == "classified":
+                shown = strictest(shown, extra.get("classification", {}).get("privacy", "private"))
+            if self.sites.site is not None and shown != "public":
+                await self._event(task_id, state, None, {k: v for k, v in extra.items() if k in ("tier", "latency_ms")})
+            else:
+                await self._event(task_id, state, spec.question, extra)
 
         result: dict[str, Any]
         try:
@@ -559,9 +569,10 @@ class Orchestrator:
             fut.set_result(result)
         await self.requester.ack_task(task_id)  # the outcome is recorded: the agents may forget the results
 
-    async def _event(self, task_id: str, state: str, question: str, extra: Mapping[str, Any]) -> None:
-        event = {"v": 1, "type": "task_event", "task_id": task_id, "state": state, "question": question,
-                 "ts": time.time(), **extra}  # fmt: skip
+    async def _event(self, task_id: str, state: str, question: str | None, extra: Mapping[str, Any]) -> None:
+        event = {"v": 1, "type": "task_event", "task_id": task_id, "state": state, "ts": time.time(), **extra}
+        if question is not None:
+            event["question"] = question
         try:
             await self.conn.publish(self.topics.task_event(task_id), encode(event), qos=0, wait=5)
         except (EdgecoopError, TopicError) as exc:  # events are best effort; results are not
