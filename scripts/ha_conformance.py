@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -169,6 +170,12 @@ def main() -> int:
         "templates_rendered": rendered,
         "rejected": len(problems),
         "problems": problems,
+        "machine": {
+            "system": f"{platform.system()} {platform.release()}",
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "loadavg_1m": round(os.getloadavg()[0], 2),
+        },
         "checks": [
             "discovery.TOPIC_MATCHER (device discovery topic)",
             "schemas.DEVICE_DISCOVERY_SCHEMA + MQTT_ORIGIN_INFO_SCHEMA after abbreviation expansion",
