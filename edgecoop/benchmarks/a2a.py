@@ -52,10 +52,12 @@ class A2AParams:
     in_flight: int = 32
     blocks: int = 4
     timeout_s: float = 30.0
+    #: round trips with the SDK's own requester as shipped (~90 ms each: Nagle and delayed ACKs)
+    sdk: int = 20
 
     @classmethod
     def quick(cls) -> A2AParams:
-        return cls(sequential=200, warmup=30, pipelined=400, in_flight=16, blocks=2)
+        return cls(sequential=200, warmup=30, pipelined=400, in_flight=16, blocks=2, sdk=5)
 
 
 class A2ARequester:
@@ -259,6 +261,26 @@ class RelayRequester:
         return lat
 
 
+async def _sdk_round_trips(port: int, org: str, n: int, text: str, timeout: float) -> list[float]:
+    """EMQX's ``a2a-over-mqtt`` requester as shipped (a new connection per call, aiomqtt's default socket options,
+    no TCP_NODELAY): the A2A client users have today. Empty without the ``a2a`` extra."""
+    try:
+        from a2a_over_mqtt import A2ARequest, MqttConfig, Requester, TopicSpace  # type: ignore[import-untyped]
+    except ImportError:
+        return []
+    req = Requester(MqttConfig(host="127.0.0.1", port=port), TopicSpace(org=org, unit=UNIT), requester_id="bench-sdk")
+    lat = []
+    for i in range(n):
+        payload = A2ARequest(text=text, request_id=str(i), task_id=str(uuid.uuid4())).to_json()
+        t0 = time.perf_counter()
+        async with asyncio.timeout(timeout):
+            async for kind, _ in req.stream(AGENT_ID, payload, uuid.uuid4().hex[:16]):
+                if kind in ("terminal", "error", "timeout"):
+                    break
+        lat.append(time.perf_counter() - t0)
+    return lat
+
+
 async def _measure(port: int, p: A2AParams) -> dict[str, Any]:
     prefix = f"bench{uuid.uuid4().hex[:6]}/v1"
     org = f"bench{uuid.uuid4().hex[:6]}"
@@ -288,6 +310,7 @@ async def _measure(port: int, p: A2AParams) -> dict[str, Any]:
                 c0 = _cpu_seconds(gateway.proc.pid)
                 a2a_lat += await a2a.sequential(k, text, p.timeout_s)
                 cpu["gateway"] += _cpu_seconds(gateway.proc.pid) - c0
+            sdk_lat = await _sdk_round_trips(port, org, p.sdk, text, p.timeout_s)
             our_ans = a2a_ans = 0
             our_s = a2a_s = 0.0
             for k in _split(p.pipelined, p.blocks):
@@ -300,7 +323,7 @@ async def _measure(port: int, p: A2AParams) -> dict[str, Any]:
         relay_child.stop()
         gateway.stop()
         agent.stop()
-    return {"our": our_lat, "relay": relay_lat, "a2a": a2a_lat, "cpu": cpu, "our_ans": our_ans, "our_s": our_s, "a2a_ans": a2a_ans, "a2a_s": a2a_s,
+    return {"our": our_lat, "relay": relay_lat, "a2a": a2a_lat, "cpu": cpu, "sdk": sdk_lat, "our_ans": our_ans, "our_s": our_s, "a2a_ans": a2a_ans, "a2a_s": a2a_s,
             "a2a_failed": failed}  # fmt: skip
 
 
@@ -326,6 +349,8 @@ def run(params: A2AParams | None = None) -> dict[str, Any]:
         "cpu_us_per_request": {k: round(v / len(m["a2a"]) * 1e6, 1) for k, v in m["cpu"].items()},
         "a2a_p99_ms": round(percentile(m["a2a"], 99) * 1000, 4),
         "ours_p99_ms": round(percentile(m["our"], 99) * 1000, 4),
+        "sdk_as_shipped_p50_ms": round(statistics.median(m["sdk"]) * 1000, 2) if m["sdk"] else None,
+        "sdk_samples": len(m["sdk"]),
         "a2a_rps": round(m["a2a_ans"] / m["a2a_s"], 1) if m["a2a_s"] else 0.0,
         "ours_rps": round(m["our_ans"] / m["our_s"], 1) if m["our_s"] else 0.0,
         "a2a_answers": m["a2a_ans"],
@@ -338,6 +363,7 @@ def run(params: A2AParams | None = None) -> dict[str, Any]:
             "pipelined": p.pipelined,
             "in_flight": p.in_flight,
             "blocks": p.blocks,
+            "sdk": p.sdk,
             "qos": 1,
             "tcp_nodelay": True,
         },
@@ -358,6 +384,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"{'relay floor p50 (ms)':24}{r['relay_p50_ms']:>12}{'':>12}   ratio {r['ratio_relay_p50']:.2f}x (4 hops, bytes)"
     )
+    if r["sdk_as_shipped_p50_ms"] is not None:
+        print(
+            f"{'SDK as shipped p50 (ms)':24}{r['sdk_as_shipped_p50_ms']:>12}{'':>12}   (new connection per call, no TCP_NODELAY)"
+        )
     print(f"{'pipelined (answers/s)':24}{r['a2a_rps']:>12}{r['ours_rps']:>12}")
     print("targets met" if r["targets_met"] else "TARGETS NOT MET")
     return r
