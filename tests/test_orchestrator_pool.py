@@ -310,3 +310,48 @@ async def test_sigkill_of_pool_members_during_a_200_task_stream_loses_nothing_an
     figures = await _failover_stream(settings, topics, tmp_path, tasks=200, kills=5, seed=11, in_flight=12,
                                      delay_s=0.4)  # fmt: skip
     print("pool failover:", figures)
+
+
+def _status(member: str, online: bool, epoch: int) -> Message:
+    from edgecoop.messages import Status
+    from edgecoop.wire import encode
+
+    topics = Topics("liveness/v1")
+    return Message(topics.orchestrator_status(member), encode(Status(member, online, epoch).to_dict()), 1, False,
+                   False, None)  # fmt: skip
+
+
+def test_liveness_and_takeover_choice_follow_the_members_statuses():
+    """Which claims are orphaned, and which member takes each over (the logic the process tests rely on)."""
+    topics = Topics("liveness/v1")
+    offered: list[list[str]] = []
+
+    async def publish(*_: Any, **__: Any) -> None:  # nothing is published in this test
+        raise AssertionError("no publication expected")
+
+    logs = {m: TaskLog(topics, m, 100, publish, on_orphans=lambda r: offered.append([x.task_id for x in r]))
+            for m in ("m1", "m2", "m3")}  # fmt: skip
+    for tl in logs.values():
+        for m in logs:
+            tl.handle(_status(m, True, 100))
+        for i in range(30):
+            tl.records[f"t{i}"] = Record(f"t{i}", 1, "m1", 100, "claimed", {"question": "q"}, None)
+        tl.records["ended"] = Record("ended", 1, "m1", 100, "done", {"question": "q"}, None, {"state": "done"})
+        tl.start()
+    assert not offered and not logs["m2"].orphaned(logs["m2"].records["t0"])
+    for tl in logs.values():
+        tl.handle(_status("m1", False, 99))  # an older incarnation's late will: fenced by its epoch
+    assert not offered
+    for tl in logs.values():
+        tl.handle(_status("m1", False, 100))  # m1 died
+    # every unfinished task of m1 is offered to exactly one live member; the ended one to none
+    taken = Counter(t for batch in offered for t in batch)
+    assert taken == Counter({f"t{i}": 1 for i in range(30)})
+    assert {logs["m2"].successor(f"t{i}") for i in range(30)} == {"m2", "m3"}  # spread over both survivors
+    assert all(logs["m2"].successor(t) == logs["m3"].successor(t) for t in taken)  # the same choice everywhere
+    # m1 back as a new process (a newer epoch): its old claims stay orphans, and it may take some over itself
+    logs["m1"].epoch = 200
+    for tl in logs.values():
+        tl.handle(_status("m1", True, 200))
+    assert logs["m1"].orphaned(logs["m1"].records["t0"]) and logs["m2"].orphaned(logs["m2"].records["t0"])
+    assert {logs["m2"].successor(f"t{i}") for i in range(30)} == {"m1", "m2", "m3"}
