@@ -453,3 +453,35 @@ def test_a_reply_around_an_encoded_result_is_the_same_json(request_id):
         result_reply(request_id, {"task": t})
     )
     assert json.loads(raw_result_reply(request_id, json_bytes(t))) == json.loads(result_reply(request_id, t))
+
+
+@pytest.mark.llm
+@pytest.mark.timeout(180)
+async def test_an_slm_answers_send_streaming_message_token_by_token(settings, topics, make_agent):
+    """The real SmolLM2-135M through llama.cpp: its tokens stream as A2A artifact updates, then the whole answer."""
+    pytest.importorskip("llama_cpp")
+    from edgecoop.models import resolve_model
+
+    options = {"model": str(resolve_model("smollm2-135m")), "max_tokens": 24, "n_threads": 1}
+    caps = [{"kind": "slm", "max_concurrency": 1, "options": options}]
+    async with make_agent("slm-a2a", capabilities=caps), A2AGateway(settings, topics=topics, org=_org(topics),
+                                                                     orchestrator=None):  # fmt: skip
+        async with RawClient(settings, topics, "default") as raw:
+            body = json.loads(send("Name one colour of the sky."))
+            body["method"] = "SendStreamingMessage"
+            topic = TopicSpace(org=_org(topics), unit="default").request("slm-a2a")
+            corr = await raw.send(topic, json.dumps(body).encode())
+            async with asyncio.timeout(120):
+                while not raw.replies.get(corr) or "statusUpdate" not in raw.replies[corr][-1].get("result", {}):
+                    raw.arrived.clear()
+                    await raw.arrived.wait()
+            items = raw.replies[corr]
+        for item in items:
+            validate_stream_item(item)
+        updates = [i["result"]["artifactUpdate"] for i in items if "artifactUpdate" in i["result"]]
+        tokens = [u["artifact"]["parts"][0]["text"] for u in updates if u["artifact"]["artifactId"] == "stream"]
+        [final] = [u for u in updates if u["artifact"]["artifactId"] == "result"]
+        assert len(tokens) >= 2, items  # streamed, not one final message
+        answer = final["artifact"]["parts"][0]["text"]
+        assert answer.strip() and answer.strip() == "".join(tokens).strip(), (answer, tokens)
+        assert items[-1]["result"]["statusUpdate"]["status"]["state"] == "TASK_STATE_COMPLETED"
