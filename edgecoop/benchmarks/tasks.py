@@ -224,7 +224,12 @@ def _measure_pool(
         base = [*exe, "orchestrator", "--config", str(workdir / "orchestrator.toml"), "--broker", url, "--prefix", prefix,
                 "--db", ":memory:"]  # fmt: skip
         pool = [["--pool", "bench", "--id", f"orch-{i}", "--pool-log-expiry", "120"] for i in range(members)]
-        procs = [_start_member(base + extra, env) for extra in (pool or [[]])]
+        profile = os.environ.get("EDGECOOP_BENCH_PROFILE")  # FILE: the first orchestrator runs under cProfile
+        first = (
+            [sys.executable, "-m", "cProfile", "-o", f"{profile}.{members}", "-m", "edgecoop.cli"] if profile else exe
+        )
+        procs = [_start_member((first if i == 0 else exe) + base[len(exe) :] + extra, env)
+                 for i, extra in enumerate(pool or [[]])]  # fmt: skip
         killed_at: list[float] = []
 
         async def victim() -> None:
