@@ -7,6 +7,8 @@ that); docs/benchmarks.md records full runs.
 import argparse
 import json
 
+import pytest
+
 from edgecoop.benchmarks import cms, rpc
 
 
@@ -69,3 +71,18 @@ def test_tasks_quick_run_serves_every_task_through_the_cli_processes():
     assert result["answered"] > 0 and result["lost"] == 0 and result["not_done"] == 0, result
     assert result["tasks_per_s"] > 0 and result["p99_ms"] >= result["p50_ms"] > 0
     assert 0 < result["orchestrator_cpu"] <= 2.5 and result["raw_rps"] > 0
+
+
+@pytest.mark.timeout(240)
+def test_tasks_over_a_pool_quick_run_loses_nothing_and_reports_the_failover():
+    """``bench tasks --orchestrators 2``: a lone orchestrator, pools of 1 and 2, one member killed under load."""
+    from edgecoop.benchmarks import tasks
+
+    result = tasks.main(_args(orchestrators=2))
+    json.dumps(result)
+    for run in (result["lone"], *result["pool"].values()):
+        assert run["answered"] > 0 and run["lost"] == 0 and run["not_done"] == 0, run
+    assert set(result["pool"]) == {"1", "2"} and set(result["pool"]["2"]["served_by"]) == {"orch-0", "orch-1"}
+    f = result["failover"]
+    assert f["lost"] == 0 and f["not_done"] == 0 and f["in_flight_at_kill"] > 0, f
+    assert f["gap_s"] is not None and f["gap_s"] < 10, f
