@@ -124,11 +124,12 @@ def _sensor_name(card: Mapping[str, Any], modality: str | None) -> str | None:
 
 
 def _refusal(text: str, spec: TaskSpec | None, privacy: str, *, decision: str = "refused",
-             options: Sequence[str] = ()) -> TaskOutcome:  # fmt: skip
+             options: Sequence[str] = (), plan: dict[str, Any] | None = None) -> TaskOutcome:  # fmt: skip
     if privacy != "public" and "not sent to the cloud" not in text:
         text += f" This {privacy} question was not sent to the cloud."
     answer = Answer(text, decision=decision, confidence=1.0, options=list(options))
-    return TaskOutcome("done", answer, "none", spec, {"shape": "none"}, reason=text, privacy=privacy)
+    # a refusal after agents were asked keeps the plan they were asked under (the trace names its steps)
+    return TaskOutcome("done", answer, "none", spec, plan or {"shape": "none"}, reason=text, privacy=privacy)
 
 
 class Engine:
@@ -221,7 +222,7 @@ class Engine:
             results = await self._execute(run, plan)
             answer = op.answer(spec, results, self.vocab)
         except UnservableError as exc:  # the agents answered, but not with something the edge may give as an answer
-            return _refusal(f"I cannot answer this at the edge: {exc}.", spec, run.privacy)
+            return _refusal(f"I cannot answer this at the edge: {exc}.", spec, run.privacy, plan=self._describe(plan))
         except (StepFailed, KeyError, ValueError, TypeError) as exc:
             # about the edge's own world: a clear failure with the reason, never a cloud guess
             reason = f"the edge could not serve the task: {exc}"
