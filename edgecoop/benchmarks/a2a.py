@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edgecoop.benchmarks.rpc import (
@@ -37,7 +38,6 @@ from edgecoop.benchmarks.rpc import (
     machine_info,
     percentile,
 )
-from edgecoop.benchmarks.tasks import _cpu_seconds
 
 __all__ = ["A2AParams", "main", "run"]
 
@@ -176,6 +176,11 @@ def _gateway_child(port: int, prefix: str, org: str) -> None:
             await stop.wait()
 
     _run_child(serve, "")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """Seconds a process has run on a CPU (/proc/PID/schedstat, nanoseconds; Linux)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
 
 
 def _relay_topic(prefix: str) -> str:
@@ -344,7 +349,7 @@ def run(params: A2AParams | None = None) -> dict[str, Any]:
         "relay_p50_ms": round(relay_p50 * 1000, 4),
         "ratio_relay_p50": round(relay_p50 / ours_p50, 3),
         "gateway_over_relay_p50_ms": round((a2a_p50 - relay_p50) * 1000, 4),
-        # CPU per sequential round trip (/proc, 10 ms ticks): the agent's in our blocks, the relay's and the
+        # CPU per sequential round trip (/proc/PID/schedstat): the agent's in our blocks, the relay's and the
         # gateway's in theirs
         "cpu_us_per_request": {k: round(v / len(m["a2a"]) * 1e6, 1) for k, v in m["cpu"].items()},
         "a2a_p99_ms": round(percentile(m["a2a"], 99) * 1000, 4),
