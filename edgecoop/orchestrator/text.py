@@ -69,6 +69,8 @@ def similar(word: str, target: str) -> bool:
     """Same word up to inflection or a typo: one edit from 5 letters on, two from 9; a plural 's' is free."""
     if word == target or word.replace(".", "") == target.replace(".", ""):  # "pm2.5" is the modality "pm25"
         return True
+    if "0" in word and "o" in target and word.replace("0", "o") == target.replace("0", "o"):  # "sp02", "n02"
+        return True
     if word.rstrip("s") == target.rstrip("s") and len(target) > 2:
         return True
     if len(target) >= 4 and word.startswith(target) and word[len(target) :] in _SUFFIXES:
