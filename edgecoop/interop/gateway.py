@@ -46,7 +46,16 @@ from paho.mqtt.packettypes import PacketTypes
 
 from edgecoop.cms.mirror import CmsMirror
 from edgecoop.connection import BrokerSettings, Connection, Message, State, props
-from edgecoop.errors import A2AError, ConfigError, EdgecoopError, RemoteError, RequestTimeout, SchemaError, WireError
+from edgecoop.errors import (
+    A2AError,
+    ConfigError,
+    EdgecoopError,
+    PublishRejected,
+    RemoteError,
+    RequestTimeout,
+    SchemaError,
+    WireError,
+)
 from edgecoop.interop.a2a import (
     DEVICE_EXTENSION,
     ERR_INTERNAL,
@@ -308,6 +317,8 @@ class A2AGateway:
         async with first, second:
             try:
                 await first.publish(f"{self.topics.prefix}/a2a-probe/{tag}", b"", qos=1, wait=5)
+            except PublishRejected:
+                pass  # the broker answered on this connection (its ACL said no): not taken over
             except EdgecoopError:
                 taken_over = True
             taken_over = taken_over or first.counters.disconnects > 0
