@@ -168,3 +168,14 @@ async def test_on_the_agents_listener_the_gateway_refuses_to_start(production):
         async with asyncio.timeout(20):
             await gw.__aenter__()
     assert not gw.endpoints
+
+
+def test_the_gateway_listener_is_opt_in_and_the_only_one_without_the_client_id_rule(capsys):
+    from edgecoop.cli import main
+
+    assert main(["broker", "--print-config", "production"]) == 0
+    assert "127.0.0.1" not in capsys.readouterr().out
+    assert main(["broker", "--print-config", "production", "--a2a-listener", "1884"]) == 0
+    listeners = capsys.readouterr().out.split("\nlistener ")[1:]
+    rule = {block.split("\n", 1)[0]: "use_username_as_clientid true" in block for block in listeners}
+    assert rule == {"1883": True, "8883": True, "9001": True, "1884 127.0.0.1": False}, rule
