@@ -119,10 +119,13 @@ async def test_a_read_goes_to_the_agent_at_the_named_place(world):
     assert time.perf_counter() - t0 < 1.0
 
 
-async def test_a_users_limit_replaces_the_rulebook_and_no_rulebook_is_asked(world):
+async def test_a_users_limit_replaces_the_rulebooks_value_but_keeps_its_direction(world):
     r, d = await _ask(world, "Is NO2 at Harbour Gate over the EU hourly limit of 200?")
-    assert r["decision"] == "within" and "200" in r["answer"]
-    assert [c[0] for c in d.calls] == ["air-harbour"]
+    assert r["decision"] == "within" and "200" in r["answer"] and "25" not in r["answer"]
+    assert d.calls[0][0] == "air-harbour"
+    # "under 10" of a pollutant with an upper-bound rule is that bound at 10 (base 8: within), not a minimum
+    r, _ = await _ask(world, "Is the PM2.5 at City Park under 10?")
+    assert r["decision"] == "within" and "limit of 10" in r["answer"], r["answer"]
 
 
 async def test_a_check_uses_the_rule_bound_to_the_modality_and_domain(world):

@@ -135,7 +135,9 @@ class Check(OperationKind):
 
     def plan(self, spec: TaskSpec, question: str, *, summarize: bool = False) -> Plan:
         t = spec.targets[0]
-        rule = () if spec.limit else (_rule_step(t.modality),)
+        # with the user's number the rulebook still says which way the quantity's bound points ("PM2.5 under 10?"
+        # is an upper bound of 10, "SpO2 below 93?" a lower one); the words decide only where no rule exists
+        rule = (_rule_step(t.modality),)
         if _is_object(t):
             stages = _count_stages(t, question)
             stages[1] += rule
@@ -157,7 +159,9 @@ class Check(OperationKind):
             what, unit = (q.label_at(t.place) if q else t.modality), str(r.get("unit", ""))
             domains = q.place_domains.get(t.place or str(r.get("location", "")), set()) if q else set()
         if spec.limit is not None:
-            rule: Mapping[str, Any] = {"kind": spec.limit.kind, "value": spec.limit.value, "unit": unit,
+            bound = _pick_rule(results.get("rule", []), domains)
+            kind = str(bound.get("kind")) if bound is not None and bound.get("kind") in ("max", "min") else None
+            rule: Mapping[str, Any] = {"kind": kind or spec.limit.kind, "value": spec.limit.value, "unit": unit,
                                        "source": "your limit"}  # fmt: skip
         else:
             picked = _pick_rule(results.get("rule", []), domains)
