@@ -66,9 +66,9 @@ def _confident_count(v: Mapping[str, Any]) -> float:
     return float(v["count"])
 
 
-def _rule_step(modality: str, name: str = "rule") -> Step:
+def _rule_step(modality: str, name: str = "rule", *, optional: bool = False) -> Step:
     # every rulebook is asked for the limits bound to the modality; the answer keeps the ones for this data
-    return Step(name, "rulebook", {"op": "limits", "modality": modality}, fanout=True, timeout_s=5)
+    return Step(name, "rulebook", {"op": "limits", "modality": modality}, fanout=True, timeout_s=5, optional=optional)
 
 
 def _summary_step() -> Step:
@@ -137,7 +137,7 @@ class Check(OperationKind):
         t = spec.targets[0]
         # with the user's number the rulebook still says which way the quantity's bound points ("PM2.5 under 10?"
         # is an upper bound of 10, "SpO2 below 93?" a lower one); the words decide only where no rule exists
-        rule = (_rule_step(t.modality),)
+        rule = (_rule_step(t.modality, optional=spec.limit is not None),)  # the user's number needs no rulebook
         if _is_object(t):
             stages = _count_stages(t, question)
             stages[1] += rule
