@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from edgecoop.connection import Connection, Message, props
+from edgecoop.connection import Connection, Message, Session, props
 from edgecoop.errors import EdgecoopError, RemoteError, RequestTimeout, SchemaError, TopicError, WireError
 from edgecoop.messages import Request, Response
 from edgecoop.topics import Kind, Topics
@@ -286,7 +286,7 @@ class Requester:
         """Drop a task's deferred acks unsent (it was handed to another orchestrator, or is shutting down)."""
         self._unacked.pop(task_id, None)
 
-    async def resend(self, client: Any) -> int:
+    async def resend(self, client: Session | Any) -> int:
         """Publish every pending request again (call from the connection's on_connect hook after a reconnect).
 
         Durable requests carry a ``rid``, so an agent that did receive the first copy answers from its outbox

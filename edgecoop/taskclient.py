@@ -14,9 +14,7 @@ import os
 import uuid
 from typing import Any
 
-import aiomqtt
-
-from edgecoop.connection import BrokerSettings, Connection, Message, State, props
+from edgecoop.connection import BrokerSettings, Connection, Message, Session, State, props
 from edgecoop.errors import EdgecoopError, NoAgentError, RequestTimeout, WireError
 from edgecoop.messages import Status
 from edgecoop.topics import Topics
@@ -66,7 +64,7 @@ class TaskClient:
     def _props(self, task_id: str) -> Any:
         return props(ResponseTopic=self.reply_topic, CorrelationData=task_id.encode(), ContentType=Format.MSGPACK.value)
 
-    async def _on_connect(self, client: aiomqtt.Client) -> None:
+    async def _on_connect(self, client: Session) -> None:
         for task_id, (body, fut) in list(self._pending.items()):
             if not fut.done():
                 await client.publish(self.topics.task_submit(), body, qos=1, properties=self._props(task_id))
@@ -84,7 +82,7 @@ class TaskClient:
                         self.resent += 1
 
     def _on_message(self, message: Message) -> None:
-        topic = message.topic.value
+        topic = message.topic
         if topic.startswith(self._status_head):
             self._on_status(topic, message.payload)
             return

@@ -24,7 +24,8 @@ from edgecoop.cms import CmsStore, DiscoveryQuery
 from edgecoop.cms import store as store_module
 from edgecoop.cms.discovery import fts_query
 from edgecoop.cms.store import Update
-from edgecoop.connection import _FastPaho, props
+from edgecoop.connection import props
+from edgecoop.mqtt.fastpath import FastPaho
 from edgecoop.errors import WireError
 from edgecoop.messages import Status
 
@@ -84,7 +85,7 @@ def _decode_both(header, packet):
     out = []
     for decode in (
         lambda: _packet.decode_publish(header, bytearray(packet), MQTTProtocolVersion.MQTTv5),
-        lambda: _FastPaho.decode_publish(header, bytearray(packet)),
+        lambda: FastPaho.decode_publish(header, bytearray(packet)),
     ):
         try:
             out.append(decode())
@@ -386,7 +387,7 @@ async def test_many_publishes_and_a_graceful_exit_deliver_everything_without_the
         )
         async with writer:
             await asyncio.gather(*[writer.publish(f"{topics.prefix}/w/data", b"%d" % i) for i in range(500)])
-            writer._path.paho.publish(f"{topics.prefix}/w/data", b"last", 0)  # still queued when we leave
+            writer.session.paho.publish(f"{topics.prefix}/w/data", b"last", 0)  # still queued when we leave
         for _ in range(200):
             if len(got) >= 501:
                 break

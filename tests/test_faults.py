@@ -102,7 +102,7 @@ async def test_fifty_fast_reconnects_give_no_false_offline(make_agent, settings,
     async with CmsMirror(settings, topics=topics) as watch, make_agent("flappy") as agent:
         for _ in range(50):
             before = agent.conn.counters.connects
-            agent.conn._client._client.socket().shutdown(2)  # cut the TCP connection under it
+            agent.conn.session.paho.socket().shutdown(2)  # cut the TCP connection under it
             await wait_until(lambda b=before: agent.conn.counters.connects > b and agent.conn.connected.is_set())
         await agent.conn.wait_connected(10)
         await watch.sync()

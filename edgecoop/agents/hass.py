@@ -39,9 +39,7 @@ from edgecoop.errors import TopicError
 from edgecoop.messages import CapabilityCard, Reading, SensorInfo, Status
 
 if TYPE_CHECKING:
-    import aiomqtt
-
-    from edgecoop.connection import Connection
+    from edgecoop.connection import Connection, Session
     from edgecoop.topics import Topics
 
 __all__ = [
@@ -248,7 +246,7 @@ def ha_status_payload(status: Status) -> bytes:
 
 
 async def publish_discovery(
-    client: aiomqtt.Client, card: CapabilityCard, topics: Topics, *, discovery_prefix: str = DISCOVERY_PREFIX
+    client: Session, card: CapabilityCard, topics: Topics, *, discovery_prefix: str = DISCOVERY_PREFIX
 ) -> None:
     """From an agent's ``on_connect``: retained configs first, then the retained ``online`` mirror."""
     for topic, payload in discovery_messages(card, topics, discovery_prefix=discovery_prefix):

@@ -17,12 +17,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
-
 from edgecoop.agents.config import AgentConfig, CapabilitySpec, detect_hardware
 from edgecoop.agents.handlers.base import AgentContext, CallContext, Handler, handler_class
 from edgecoop.agents.outbox import Outbox
-from edgecoop.connection import Connection, Message, State
+from edgecoop.connection import Connection, LastWill, Message, Session, State
 from edgecoop.errors import ConfigError, EdgecoopError, TopicError, WireError
 from edgecoop.messages import CapabilityCard, Load, Request, Response, Status
 from edgecoop.metrics import Metrics
@@ -136,12 +134,12 @@ class Agent:
     def _status_payload(self, online: bool) -> bytes:
         return encode(Status(self.agent_id, online, self.epoch, time.time()).to_dict())
 
-    def _will(self) -> aiomqtt.Will:
+    def _will(self) -> LastWill:
         # A fresh epoch per connection: a will from an older connection can then never override this one's online.
         self.epoch = _next_epoch(self.config.state_dir)
-        return aiomqtt.Will(self.topics.status(self.agent_id), self._status_payload(False), qos=1, retain=True)
+        return LastWill(self.topics.status(self.agent_id), self._status_payload(False), qos=1, retain=True)
 
-    async def _on_connect(self, client: aiomqtt.Client) -> None:
+    async def _on_connect(self, client: Session) -> None:
         await client.publish(self.topics.card(self.agent_id), encode(self.card().to_dict()), qos=1, retain=True)
         await client.publish(self.topics.status(self.agent_id), self._status_payload(True), qos=1, retain=True)
         if self.config.home_assistant:  # opt-in Home Assistant MQTT discovery + JSON status mirror

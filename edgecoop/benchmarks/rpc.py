@@ -178,7 +178,11 @@ def _paho_client(client_id: str) -> Any:
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    return paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    from edgecoop.mqtt.session import MAX_INFLIGHT
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    client.max_inflight_messages_set(MAX_INFLIGHT)  # tuned like ours: the same in-flight window
+    return client
 
 
 def _paho_connect(client: Any, port: int) -> None:
@@ -409,6 +413,8 @@ def _ms(seconds: float) -> float:
 def run(params: RpcParams | None = None) -> dict[str, Any]:
     """Start a private broker, measure both sides, return the figures."""
     from edgecoop.broker import MosquittoProcess
+    from edgecoop.mqtt import gate
+    from edgecoop.mqtt.session import MAX_INFLIGHT
 
     p = params or RpcParams()
     with MosquittoProcess() as broker:
@@ -443,6 +449,10 @@ def run(params: RpcParams | None = None) -> dict[str, Any]:
             "payload_bytes": p.payload_bytes,
             "agent_concurrency": p.agent_concurrency,
             "qos": 1,
+            # both sides' paho in-flight window (edgecoop.mqtt.session.MAX_INFLIGHT)
+            "paho_in_flight_window": MAX_INFLIGHT,
+            # "fast": the paho release edgecoop.mqtt.fastpath was checked on; "public": paho's socket API only
+            "mqtt_path": "fast" if gate.FAST else "public",
         },
         "machine": machine_info(),
     }
