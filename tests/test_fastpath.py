@@ -25,9 +25,9 @@ from edgecoop.cms import store as store_module
 from edgecoop.cms.discovery import fts_query
 from edgecoop.cms.store import Update
 from edgecoop.connection import props
-from edgecoop.mqtt.fastpath import FastPaho
 from edgecoop.errors import WireError
 from edgecoop.messages import Status
+from edgecoop.mqtt.fastpath import FastPaho
 
 # -- MQTT 5 properties ------------------------------------------------------------------------------------
 
