@@ -20,6 +20,7 @@
     │   └── CloudBudgetExceeded                         the cloud spend or call budget of the window is used up
     ├── Overloaded                                      a submission refused at once: a bounded queue, share or rate
     ├── CapabilityError                                 a handler cannot serve this input
+    │   └── CloudError                                  the cloud LLM endpoint failed (``code`` says how)
     ├── A2AError                                        an A2A (JSON-RPC) request refused, with its JSON-RPC code
     └── DependencyMissing(EdgecoopError, ImportError)   an optional extra is not installed
 
@@ -35,6 +36,7 @@ __all__ = [
     "BrokerError",
     "CapabilityError",
     "CloudBudgetExceeded",
+    "CloudError",
     "ConfigError",
     "ConnectError",
     "DependencyMissing",
@@ -143,6 +145,17 @@ class NoAgentError(RequestError):
 
 class CapabilityError(EdgecoopError):
     code = "capability"
+
+
+class CloudError(CapabilityError):
+    """The upstream cloud endpoint failed; ``code`` says how (``timeout``, ``http``, ``refused``...), ``status`` is
+    the HTTP status when there was one."""
+
+    def __init__(self, message: str, *, code: str, url: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.url = url
+        self.status = status
 
 
 class A2AError(EdgecoopError):

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from edgecoop.agents.handlers.base import AgentContext, CallContext, Handler
-from edgecoop.errors import CapabilityError, ConfigError
+from edgecoop.errors import CapabilityError, CloudError, ConfigError
 from edgecoop.worker import Worker
 
 if TYPE_CHECKING:
@@ -42,16 +42,6 @@ __all__ = ["CloudError", "CloudHandler", "chat_completions_url"]
 
 MAX_REPLY_BYTES = 4 * 1024 * 1024  # an answer larger than this is refused, not buffered
 _ROLES = frozenset({"system", "user", "assistant"})
-
-
-class CloudError(CapabilityError):
-    """The upstream endpoint failed; ``code`` says how, ``status`` is the HTTP status when there was one."""
-
-    def __init__(self, message: str, *, code: str, url: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.url = url
-        self.status = status
 
 
 def chat_completions_url(url: str) -> str:
