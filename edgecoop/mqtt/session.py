@@ -18,6 +18,7 @@ import collections
 import logging
 import socket
 import ssl
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -106,6 +107,7 @@ class Session:
         self.paho = client
         self.client_id = client_id
         self.loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._max_queued = max_queued
         self._counters = counters
         self.inbox: collections.deque[Message] = collections.deque()
@@ -274,7 +276,11 @@ class Session:
             self._connack.set_result(reason)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        self._fail(BrokerError(f"disconnected: {reason}"))
+        error = BrokerError(f"disconnected: {reason}")
+        if threading.get_ident() == self._loop_thread:
+            self._fail(error)
+        else:  # a write that failed inside connect(), on the executor's thread
+            self.loop.call_soon_threadsafe(self._fail, error)
 
     def _on_subscribe(
         self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode], properties: Any
