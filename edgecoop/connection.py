@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from paho.mqtt.client import topic_matches_sub
 from paho.mqtt.properties import Properties
 
 from edgecoop.errors import BrokerError, ConnectError
@@ -40,6 +41,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Message], Awaitable[None] | object]
+#: what :meth:`Connection.route` returns: awaiting it removes the route (and the subscription nobody else uses)
+Unroute = Callable[[], Awaitable[None]]
 #: in the error of a TLS connection whose broker certificate (or host name) did not verify
 _CERT_FAILED = "CERTIFICATE_VERIFY_FAILED"
 #: CONNACK reason codes that retrying with the same settings cannot fix: unsupported protocol version, client id
@@ -52,6 +55,14 @@ def _reraise_cancellation(exc: BaseException | None) -> None:
     current = asyncio.current_task()
     if current is not None and current.cancelling():
         raise asyncio.CancelledError from exc
+
+
+def _match_filter(topic_filter: str) -> str:
+    """The filter that topics are matched with: a shared subscription's (``$share/<group>/<filter>``) own filter."""
+    if topic_filter.startswith("$share/"):
+        parts = topic_filter.split("/", 2)
+        return parts[2] if len(parts) == 3 else topic_filter
+    return topic_filter
 
 
 class State(enum.Enum):
@@ -85,6 +96,10 @@ class Connection:
         self.client_id = client_id
         self._subscriptions = list(subscriptions)
         self._handler = handler
+        #: (topic filter, handler) in registration order: a message goes to every route whose filter matches it,
+        #: and to ``handler`` when none does
+        self._routes: list[tuple[str, Handler]] = []
+        self._matches: dict[str, tuple[Handler, ...]] = {}  # topic -> the handlers it goes to (reset on change)
         self._will = will
         self._on_connect = on_connect
         self._clean_start = clean_start
@@ -158,11 +173,58 @@ class Connection:
         """Register a subscription that is (re)issued on every connect (call before entering)."""
         self._subscriptions.append((topic_filter, qos))
 
-    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        """Subscribe now and on every reconnect."""
-        self._subscriptions.append((topic_filter, qos))
+    async def subscribe(self, topic_filter: str, qos: int = 1, handler: Handler | None = None) -> Unroute:
+        """Subscribe now and on every reconnect; with ``handler``, as :meth:`route` (the messages go there)."""
+        unroute = self.route(topic_filter, handler, qos) if handler is not None else self._unsubscriber(topic_filter)
+        if handler is None:
+            self._subscriptions.append((topic_filter, qos))
         if self.session is not None and self.connected.is_set():
             await self.session.subscribe([(topic_filter, qos)], self._connect_timeout)
+        return unroute
+
+    def route(self, topic_filter: str, handler: Handler, qos: int = 1) -> Unroute:
+        """Deliver the messages matching ``topic_filter`` to ``handler``, subscribed on every (re)connect.
+
+        Call it before entering (the first connect subscribes), or use :meth:`subscribe` with ``handler`` on a
+        running connection. Returns a coroutine function that removes the route, and unsubscribes the filter
+        once no route uses it. Messages that no route matches go to the constructor's ``handler``. A broker may
+        deliver one copy per matching subscription (Mosquitto does): with overlapping filters, each copy goes to
+        every route it matches, as it always went to the one ``handler``.
+        """
+        entry = (topic_filter, handler)
+        self._routes.append(entry)
+        self._matches.clear()
+        if all(f != topic_filter for f, _ in self._subscriptions):
+            self._subscriptions.append((topic_filter, qos))
+        unsubscribe = self._unsubscriber(topic_filter)
+
+        async def unroute() -> None:
+            if entry in self._routes:
+                self._routes.remove(entry)
+                self._matches.clear()
+                if all(f != topic_filter for f, _ in self._routes):
+                    await unsubscribe()
+
+        return unroute
+
+    def _unsubscriber(self, topic_filter: str) -> Unroute:
+        async def unsubscribe() -> None:
+            self._subscriptions = [s for s in self._subscriptions if s[0] != topic_filter]
+            if self.session is not None and self.connected.is_set():
+                await self.session.unsubscribe(topic_filter, self._connect_timeout)
+
+        return unsubscribe
+
+    def _handlers(self, topic: str) -> tuple[Handler, ...]:
+        found = self._matches.get(topic)
+        if found is None:
+            found = tuple(h for f, h in self._routes if topic_matches_sub(_match_filter(f), topic))
+            if not found and self._handler is not None:
+                found = (self._handler,)
+            if len(self._matches) >= 4096:  # topics carry ids (replies, events): keep the cache bounded
+                self._matches.clear()
+            self._matches[topic] = found
+        return found
 
     # -- the supervisor ------------------------------------------------------------------------------------
     async def _supervise(self) -> None:
@@ -250,18 +312,23 @@ class Connection:
 
     async def _dispatch(self, message: Message) -> None:
         self.counters.messages += 1
-        if self._handler is None:
+        if self._routes:
+            handlers = self._handlers(message.topic)
+        elif self._handler is not None:
+            handlers = (self._handler,)
+        else:
             return
-        try:
-            result = self._handler(message)
-            if inspect.isawaitable(result):
-                await result
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # a handler bug must not take the receive loop (and every other subscriber) down with it
-            self.counters.handler_errors += 1
-            log.exception("%s: handler failed on %s", self.client_id, message.topic)
+        for handler in handlers:
+            try:
+                result = handler(message)
+                if inspect.isawaitable(result):
+                    await result
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # a handler bug must not take the receive loop (and every other subscriber) down with it
+                self.counters.handler_errors += 1
+                log.exception("%s: handler failed on %s", self.client_id, message.topic)
 
     # -- publishing ---------------------------------------------------------------------------------------
     async def wait_connected(self, timeout: float | None = None) -> None:

@@ -40,10 +40,10 @@ class TaskClient:
         self._orchestrator_seen = asyncio.Event()
         self._status_head = f"{self.topics.prefix}/orchestrators/"
         self.conn = Connection(
-            settings, self.client_id,
-            subscriptions=[(self.reply_topic, 1), (f"{self._status_head}+/status", 1)],
-            handler=self._on_message, on_connect=self._on_connect, connect_timeout=connect_timeout,
+            settings, self.client_id, on_connect=self._on_connect, connect_timeout=connect_timeout,
         )  # fmt: skip
+        self.conn.route(self.reply_topic, self._on_reply)
+        self.conn.route(f"{self._status_head}+/status", self._on_status)
         self.state = State.NEW
 
     async def __aenter__(self) -> TaskClient:
@@ -81,11 +81,7 @@ class TaskClient:
                         )
                         self.resent += 1
 
-    def _on_message(self, message: Message) -> None:
-        topic = message.topic
-        if topic.startswith(self._status_head):
-            self._on_status(topic, message.payload)
-            return
+    def _on_reply(self, message: Message) -> None:
         corr = getattr(message.properties, "CorrelationData", None)
         entry = self._pending.get(corr.decode(errors="replace")) if isinstance(corr, bytes) else None
         if entry is None or entry[1].done():
@@ -95,9 +91,9 @@ class TaskClient:
         except WireError:
             self.bad_replies += 1
 
-    def _on_status(self, topic: str, payload: object) -> None:
+    def _on_status(self, message: Message) -> None:
         with contextlib.suppress(WireError):
-            status = Status.from_dict(decode(payload if isinstance(payload, bytes) else b"")[0])
+            status = Status.from_dict(decode(message.payload)[0])
             self.orchestrators[status.agent_id] = status.online
             if status.online:
                 self._orchestrator_seen.set()

@@ -158,3 +158,47 @@ async def test_nobody_listening_is_a_connect_error_within_the_timeout(path):
         with pytest.raises(ConnectError, match="could not connect"):
             async with Connection(BrokerSettings(port=port), cid("nobody"), connect_timeout=1):
                 pass
+
+
+async def test_routes_deliver_by_filter_and_unrouting_unsubscribes(path, settings, topics):
+    p = topics.prefix
+    cams, cams_too, air, rest, late = [], [], [], [], []
+    conn = Connection(settings, cid("router"), subscriptions=[(f"{p}/misc/#", 1)], handler=rest.append,
+                      clean_start=True)  # fmt: skip
+    conn.route(f"{p}/cams/+/x", cams.append)
+    stop_cams_too = conn.route(f"{p}/cams/+/x", cams_too.append)  # a second route on the same filter
+    stop_air = conn.route(f"{p}/air/#", air.append)
+    async with conn, Connection(settings, cid("pub"), clean_start=True) as pub:
+        await pub.publish(f"{p}/cams/c1/x", b"1")  # both routes of its filter get it, the default handler not
+        await pub.publish(f"{p}/air/a1/x", b"2")
+        await pub.publish(f"{p}/misc/m", b"3")  # no route matches: the constructor's handler
+        await until(lambda: len(cams) == len(cams_too) == len(air) == len(rest) == 1)
+        assert [m.payload for m in cams + cams_too + air + rest] == [b"1", b"1", b"2", b"3"]
+        # added on a running connection: subscribed at once
+        await conn.subscribe(f"{p}/late/#", handler=late.append)
+        await pub.publish(f"{p}/late/1", b"4")
+        await until(lambda: len(late) == 1)
+        await stop_air()  # its filter is unsubscribed: nothing of air/... arrives any more
+        await stop_cams_too()  # the filter stays subscribed for the other route
+        await pub.publish(f"{p}/air/a1/x", b"5")
+        await pub.publish(f"{p}/cams/c1/x", b"6")
+        await until(lambda: len(cams) == 2)
+        await asyncio.sleep(0.1)
+        assert [m.payload for m in air] == [b"2"] and len(cams_too) == 1 and len(rest) == 1
+    assert conn.counters.handler_errors == 0
+
+
+@pytest.mark.allow_error_logs
+async def test_a_failing_route_does_not_keep_the_message_from_the_others(path, settings, topics):
+    got: list[bytes] = []
+
+    def broken(m: Message) -> None:
+        raise RuntimeError("handler bug")
+
+    conn = Connection(settings, cid("router"), clean_start=True)
+    conn.route(f"{topics.prefix}/t", broken)
+    conn.route(f"{topics.prefix}/t", lambda m: got.append(m.payload))
+    async with conn, Connection(settings, cid("pub"), clean_start=True) as pub:
+        await pub.publish(f"{topics.prefix}/t", b"x")
+        await until(lambda: got == [b"x"])
+    assert conn.counters.handler_errors == 1

@@ -115,6 +115,7 @@ class Session:
         self.lost: asyncio.Future[None] = self.loop.create_future()
         self._connack: asyncio.Future[ReasonCode] = self.loop.create_future()
         self._subacks: dict[int, asyncio.Future[list[ReasonCode]]] = {}
+        self._unsubacks: dict[int, asyncio.Future[None]] = {}
         self._acks: dict[int, asyncio.Future[ReasonCode]] = {}
         self._waiter: asyncio.Future[None] | None = None
         self._fd = -1
@@ -129,6 +130,7 @@ class Session:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
         client.on_publish = self._on_publish
         client.on_message = self._on_message
         client.on_socket_close = self._on_socket_close
@@ -289,6 +291,11 @@ class Session:
         if fut is not None and not fut.done():
             fut.set_result(reasons)
 
+    def _on_unsubscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        fut = self._unsubacks.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Any) -> None:
         fut = self._acks.pop(mid, None)
         if fut is not None and not fut.done():
@@ -315,12 +322,18 @@ class Session:
             return
         self.lost.set_exception(exc)
         self.lost.exception()  # retrieved: whoever waits sees it through wait() / the futures below
-        pending: list[asyncio.Future[Any]] = [self._connack, *self._subacks.values(), *self._acks.values()]
+        pending: list[asyncio.Future[Any]] = [
+            self._connack,
+            *self._subacks.values(),
+            *self._unsubacks.values(),
+            *self._acks.values(),
+        ]
         for fut in pending:
             if not fut.done():
                 fut.set_exception(BrokerError(f"{self.client_id}: connection lost ({exc})"))
                 fut.exception()
         self._subacks.clear()
+        self._unsubacks.clear()
         self._acks.clear()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -359,6 +372,24 @@ class Session:
             if reason.is_failure:
                 log.warning("%s: the broker refused the subscription to %s: %s", self.client_id, topic_filter, reason)
         return reasons
+
+    async def unsubscribe(self, topic_filter: str, timeout: float) -> None:
+        """Unsubscribe and wait for the UNSUBACK (nothing to do on a lost connection: the next one never had it)."""
+        if self.lost.done():
+            return
+        rc, mid = self.paho.unsubscribe(topic_filter)
+        self._sync_writer()
+        if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            raise BrokerError(f"{self.client_id}: unsubscribe failed: {mqtt.error_string(rc)}")
+        fut: asyncio.Future[None] = self.loop.create_future()
+        self._unsubacks[mid] = fut
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except TimeoutError as exc:
+            raise BrokerError(f"{self.client_id}: no UNSUBACK within {timeout} s") from exc
+        finally:
+            self._unsubacks.pop(mid, None)
 
     async def publish(
         self,
