@@ -233,7 +233,9 @@ class Engine:
         spec = run.spec
         tried: Plan | None = None
         # the edge's own documents first: a question they answer well never needs the cloud (or a refusal)
-        if self.vocab.knowledge and not spec.personal:
+        # (not for a question the parser is sure is general knowledge: "the speed of light" shares two words with a
+        # traffic table, which is no answer to it)
+        if self.vocab.knowledge and not spec.personal and not (spec.general and spec.confidence >= 0.9):
             tried = Plan(((knowledge_step(run.sub.question, None, optional=True),),), "single", "edge")
             try:
                 results = await self._execute(run, tried)

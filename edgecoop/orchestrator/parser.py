@@ -149,7 +149,9 @@ class FastParser:
                            f"{', '.join(sorted(vocab.places))}", confidence=0.9)  # fmt: skip
         if _acts(words, lex) and (world or personal):
             return replace(base, unknown="the edge answers questions; it does not act (upload, send, share) for you")
-        if _has(words, lex.past) and (quantities or objects):
+        # "how did the WHO change the guideline in 2021": what the documents say about a past time, not a reading
+        about_rules = _has(words, _RULE_WORDS) or self._document_evidence(words, spans, vocab) >= 2
+        if _has(words, lex.past) and (quantities or objects) and not about_rules:
             return replace(base, unknown="live sensors cannot answer about another time than now or a recent window")
 
         covered_q = {i for h in quantities for i in range(h.start + 1, h.start + h.length)}  # "vehicles/min"
@@ -169,6 +171,7 @@ class FastParser:
         # "count the vehicles on the street camera" is for a camera; "how do electric buses charge?" is general
         counting = bool(objects) and not quantities and _has(words, lex.operations["count"])
         enough = evidence >= 2 or (evidence == 1 and not _has(words, lex.general))
+        enough = enough and (agg == "latest" or evidence >= 2)  # "the mean NO2 over every monitoring station"
         if not place_names and not asker and not live and not area and not counting and enough:
             return self._lookup(base, words, vocab, quantities)
         general_cue = _has(words, lex.general)
@@ -275,6 +278,8 @@ class FastParser:
                 return spec
         if places and (check or live):
             offered_q = [q for q in vocab.quantities.values() if place_names[0] in q.places]
+            if len(offered_q) > 1:  # "kitchen hotter than 25°C?": the unit after the number says which quantity
+                offered_q = [q for q in offered_q if _unit_after_number(words, q.unit)] or offered_q
             if len(offered_q) == 1 and place_names[0] not in vocab.cameras:
                 t = Target(offered_q[0].modality, place_names[0], agg, window_s)
                 return replace(base, operation=Operation.CHECK if check else Operation.READ, targets=(t,), limit=limit)
@@ -387,6 +392,7 @@ class FastParser:
         return max(sum(1 for w in content if any(similar(w, t) for t in k.terms)) for k in vocab.knowledge.values())
 
     def _agg_window(self, words: Sequence[str], lex: Lexicon) -> tuple[str, int]:
+        words = [str(lex.numbers.get(w, w)) for w in words]  # "the last two minutes"
         # "5 min" is a window, not the minimum; "pm2.5 i mean" is not the mean
         masked = [
             ""
@@ -410,6 +416,11 @@ class FastParser:
         return agg, window_s
 
     def _limit(self, words: Sequence[str], spans: Sequence[_Hit], lex: Lexicon, *, percent: bool) -> Limit | None:
+        if percent:  # "more than half full", "three quarters full": a share of a percentage (before "three" is 3)
+            for ph, value in sorted(lex.fractions.items(), key=lambda kv: -len(kv[0])):
+                at = find_phrase(words, ph, fuzzy=False)
+                if at > 0 and any(b in lex.limit_cues for b in words[max(0, at - 3) : at]):
+                    return Limit(float(value), kind=_limit_kind(words[max(0, at - 3) : at], lex))
         covered = {i for h in spans for i in range(h.start, h.start + h.length)}
         words = [str(lex.numbers.get(w, w)) for w in words]
         for i, w in enumerate(words):
@@ -421,11 +432,6 @@ class FastParser:
                 continue
             if any(b in lex.limit_cues for b in before):
                 return Limit(float(w), kind=_limit_kind(before, lex))
-        if percent:  # "more than half full", "three quarters full": a share of a percentage
-            for ph, value in sorted(lex.fractions.items(), key=lambda kv: -len(kv[0])):
-                at = find_phrase(words, ph, fuzzy=False)
-                if at > 0 and any(b in lex.limit_cues for b in words[max(0, at - 3) : at]):
-                    return Limit(float(value), kind=_limit_kind(words[max(0, at - 3) : at], lex))
         return None
 
     def _place_for(
@@ -532,12 +538,23 @@ _VERB_BEFORE = frozenset(
 
 
 def _acts(words: Sequence[str], lex: Lexicon) -> bool:
-    """An action verb the user wants done ("upload my readings", "can you send ..."), not the noun ("a good book")."""
+    """An action verb the user wants done ("upload my readings", "can you send ..."), not the noun ("a good book")
+    and not an obligation asked about ("do cities have to publish noise maps?")."""
     for ph in lex.actions:
         at = find_phrase(words, ph, fuzzy=False)
-        if at == 0 or (at > 0 and words[at - 1] in _VERB_BEFORE):
+        obligation = at >= 2 and words[at - 1] == "to" and words[at - 2] in ("have", "has", "had", "need", "needs")
+        if (at == 0 or (at > 0 and words[at - 1] in _VERB_BEFORE)) and not obligation:
             return True
     return False
+
+
+def _unit_after_number(words: Sequence[str], unit: str) -> bool:
+    """The question writes a number followed by this unit ("25 °C", "40 %", "60 dB(A)")."""
+    unit_tokens = tokens(unit)
+    if not unit_tokens:
+        return False
+    n = len(unit_tokens)
+    return any(_NUMBER.match(words[i]) and list(words[i + 1 : i + 1 + n]) == unit_tokens for i in range(len(words)))
 
 
 def _phrases_of(lex: Lexicon, stem: str) -> list[Phrase]:

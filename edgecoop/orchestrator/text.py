@@ -18,10 +18,10 @@ _SUFFIXES = frozenset({"s", "es", "est", "er", "ers", "ness", "y", "ing", "ed", 
 _DECIMAL_COMMA = re.compile(r"(?<=\d),(?=\d(?!\d\d(?!\d)))")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d\d\d(?!\d))")
 _COMPARATORS = (
-    (">=", " at least "),
-    ("<=", " at most "),
-    ("≥", " at least "),
-    ("≤", " at most "),
+    (">=", " above "),
+    ("<=", " below "),
+    ("≥", " above "),
+    ("≤", " below "),
     (">", " above "),
     ("<", " below "),
 )

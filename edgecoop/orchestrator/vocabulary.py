@@ -260,7 +260,7 @@ class Vocabulary:
 
     def describe_place(self, place: str) -> list[str]:
         """What can be asked about ``place``: its quantities' names, and "vehicles" where a camera is."""
-        out = [q.name for q in self.quantities.values() if place in q.places]
+        out = [q.label_at(place) for q in self.quantities.values() if place in q.places]
         if place in self.cameras and self.vision:
             out += list(lexicon().objects)
         return sorted(out)
