@@ -189,6 +189,7 @@ class KnowledgeBase:
         self.conn = sqlite3.connect(db)
         self._stack.callback(self.conn.close)
         self._idf: dict[str, float] = {}
+        self._doc_idf: dict[str, float] = {}
         try:
             self.conn.execute(
                 "CREATE VIRTUAL TABLE IF NOT EXISTS passages USING fts5("
@@ -209,6 +210,12 @@ class KnowledgeBase:
                 ((p.doc, p.title, p.text) for p in passages),
             )
         self._idf = _idf(p[0] for p in self.conn.execute("SELECT title || ' ' || text FROM passages"))
+        by_doc: dict[str, set[str]] = {}
+        for doc, text in self.conn.execute("SELECT doc, title || ' ' || text FROM passages"):
+            by_doc.setdefault(doc, set()).update(_stem(w) for w in _TOKEN.findall(text.lower()))
+        self._doc_idf = {
+            st: math.log(1 + len(by_doc) / c) for st, c in Counter(s for v in by_doc.values() for s in v).items()
+        }
         count: int = self.conn.execute("SELECT count(*) FROM passages").fetchone()[0]
         return count
 
@@ -224,9 +231,18 @@ class KnowledgeBase:
             # bm25() is lower-is-better; column weights: doc (unindexed), title x3, text x1
             "SELECT doc, title, text, -bm25(passages, 0.0, 3.0, 1.0) AS score "
             "FROM passages WHERE passages MATCH ? ORDER BY score DESC LIMIT ?",
-            (_fts_query(terms), k),
+            (_fts_query(terms), max(k, _CANDIDATES)),
         ).fetchall()
-        passages = [{"doc": d, "title": t, "text": x, "score": round(float(s), 4)} for d, t, x, s in rows]
+        # FTS5's BM25 gives a word in half of the passages no weight at all ("NEWS2" in every passage of the NEWS2
+        # document): the question's words are weighted again by how few *documents* hold them
+        stems = {_stem(t) for t in terms}
+
+        def score(row: tuple[str, str, str, float]) -> float:
+            words = {_stem(w) for w in _TOKEN.findall(f"{row[1]} {row[2]}".lower())}
+            return float(row[3]) + sum(self._doc_idf.get(st, 0.0) for st in stems & words)
+
+        ranked = sorted(((score(r), r) for r in rows), key=lambda sr: sr[0], reverse=True)[:k]
+        passages = [{"doc": d, "title": t, "text": x, "score": round(s, 4)} for s, (d, t, x, _) in ranked]
         if not passages:
             return {"passages": [], "answer": "", "confidence": 0.0, "terms": terms}
         answer, coverage = extract_answer(passages[0]["text"], terms, idf=self._idf)
@@ -238,6 +254,7 @@ class KnowledgeBase:
 
 
 _MAX_TOPICS = 160
+_CANDIDATES = 50  # passages re-ranked per question (a knowledge base holds tens to a few thousand)
 
 
 def document_topics(texts: Iterable[str], *, limit: int = _MAX_TOPICS) -> tuple[str, ...]:
