@@ -18,6 +18,7 @@ from edgecoop.wire import WIRE_VERSION
 
 __all__ = [
     "PRIVACY_CLASSES",
+    "Ack",
     "CapabilityCard",
     "CapabilityInfo",
     "Hardware",
@@ -462,3 +463,27 @@ class Reading:
             _opt(d, "unit", str, "", w),
             _opt(d, "ts", float, 0.0, w),
         )
+
+
+#: an ack names at most this many request ids (a requester acknowledges one task's results per message)
+MAX_ACK_RIDS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """A requester's acknowledgement of durable results (``<prefix>/ack/<agent>``): the agent may drop them from
+    its outbox."""
+
+    rids: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": WIRE_VERSION, "type": "ack", "rids": list(self.rids)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Ack:
+        rids = d.get("rids")
+        if not isinstance(rids, list) or not all(isinstance(r, str) for r in rids):
+            raise SchemaError("ack: 'rids' must be a list of strings")
+        if len(rids) > MAX_ACK_RIDS:
+            raise SchemaError(f"ack: more than {MAX_ACK_RIDS} rids")
+        return cls(tuple(_rid(r) for r in rids))

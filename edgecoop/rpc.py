@@ -16,7 +16,7 @@ from typing import Any
 
 from edgecoop.connection import Connection, Message, Session, props
 from edgecoop.errors import EdgecoopError, RemoteError, RequestTimeout, SchemaError, TopicError, WireError
-from edgecoop.messages import Request, Response
+from edgecoop.messages import Ack, Request, Response
 from edgecoop.topics import Kind, Topics
 from edgecoop.wire import Format, decode, encode, sniff_format
 
@@ -273,7 +273,7 @@ class Requester:
     async def _ack(self, agent_id: str, rids: list[str]) -> None:
         """Tell the agent it may drop these results from its outbox (best effort: the outbox is bounded anyway)."""
         try:
-            await self.conn.publish(self.topics.ack(agent_id), encode({"v": 1, "type": "ack", "rids": rids}), wait=1)
+            await self.conn.publish(self.topics.ack(agent_id), encode(Ack(tuple(rids)).to_dict()), wait=1)
         except (EdgecoopError, TimeoutError):
             self.acks_failed += 1
 

@@ -5,7 +5,7 @@ import msgpack
 import pytest
 
 from edgecoop.errors import PayloadTooLarge, SchemaError, WireError
-from edgecoop.messages import CapabilityCard, Request, Response, Status
+from edgecoop.messages import Ack, CapabilityCard, Request, Response, Status
 from edgecoop.wire import MAX_PAYLOAD, Format, decode, encode
 
 
@@ -90,3 +90,12 @@ def test_messages_round_trip():
 def test_encode_refuses_oversized_results():
     with pytest.raises(PayloadTooLarge):
         encode({"blob": b"x" * (MAX_PAYLOAD + 10)})
+
+
+def test_ack_round_trips_and_refuses_what_is_not_a_list_of_request_ids():
+    ack = Ack(("r1", "r2"))
+    assert Ack.from_dict(decode(encode(ack.to_dict()))[0]) == ack
+    assert ack.to_dict() == {"v": 1, "type": "ack", "rids": ["r1", "r2"]}
+    for bad in ({}, {"rids": "r1"}, {"rids": [1]}, {"rids": ["x" * 201]}, {"rids": ["r"] * 1001}):
+        with pytest.raises(SchemaError):
+            Ack.from_dict(bad)

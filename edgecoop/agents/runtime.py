@@ -22,7 +22,7 @@ from edgecoop.agents.handlers.base import AgentContext, CallContext, Handler, ha
 from edgecoop.agents.outbox import Outbox
 from edgecoop.connection import Connection, LastWill, Message, Session, State
 from edgecoop.errors import ConfigError, EdgecoopError, TopicError, WireError
-from edgecoop.messages import CapabilityCard, Load, Request, Response, Status
+from edgecoop.messages import Ack, CapabilityCard, Load, Request, Response, Status
 from edgecoop.metrics import Metrics
 from edgecoop.rpc import ReplyContext, Requester, reply_context
 from edgecoop.topics import Kind, ParsedTopic, Topics
@@ -387,14 +387,12 @@ class Agent:
         raw = message.payload if isinstance(message.payload, bytes) else b""
         try:
             data, _ = decode(raw)
-            rids = data.get("rids")
-            if not isinstance(rids, list) or not all(isinstance(r, str) for r in rids):
-                raise WireError("ack: 'rids' must be a list of strings")
-        except WireError as exc:
+            ack = Ack.from_dict(data)
+        except WireError as exc:  # SchemaError too
             self.counters["bad_ack"] += 1
             log.warning("%s: bad ack: %s", self.agent_id, exc)
             return
-        self.counters["acked"] += await self.outbox.ack(rids)
+        self.counters["acked"] += await self.outbox.ack(list(ack.rids))
 
     def _encode_reply(self, route: ReplyContext, response: Response) -> bytes:
         try:
