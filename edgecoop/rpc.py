@@ -263,6 +263,13 @@ class Requester:
             if not w.users:
                 del self._windows[key]
 
+    def statistics(self) -> dict[str, int]:
+        """The requester's counters (exported as metrics) and its requests outstanding."""
+        return {
+            "resent": self.resent, "resends_skipped": self.resends_skipped, "overtaken": self.overtaken,
+            "late_replies": self.late_replies, "bad_replies": self.bad_replies, "acks_failed": self.acks_failed,
+        }  # fmt: skip
+
     def backlog(self) -> dict[str, int]:
         """Requests not answered yet (in flight or waiting for a window), per destination, largest first."""
         counts: dict[str, int] = {}

@@ -125,3 +125,23 @@ async def test_headless_agent_serves_its_counters_on_metrics_port(settings, topi
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def test_orchestrator_registers_its_counters_requester_mirror_and_connection(settings, topics, make_agent):
+    from edgecoop.orchestrator import Orchestrator
+    from edgecoop.orchestrator.metrics import register_orchestrator
+
+    async with make_agent("echo-m"), Orchestrator(settings, topics=topics, orchestrator_id="orch-m") as orch:
+        await orch.mirror.wait_for(lambda s: s.count(online=True) == 1, timeout=10)
+        m = Metrics()
+        register_orchestrator(m, orch)
+        r = await orch.submit("Is it raining on Mars?", timeout=10)
+        got = samples(m.exposition().decode())
+    me = (("id", "orch-m"),)
+    assert got[(f"edgecoop_orchestrator_{r['state']}_total", me)] == 1, "the task's outcome is counted"
+    assert got[(f"edgecoop_orchestrator_tier_{r['tier']}_total", me)] == 1
+    assert ("edgecoop_requester_resent_total", me) in got and ("edgecoop_requester_late_replies_total", me) in got
+    assert got[("edgecoop_orchestrator_requests_outstanding", me)] == 0
+    assert any(name.startswith("edgecoop_orchestrator_admission_") for name, _ in got), "admission gauges"
+    assert got[("edgecoop_cms_store_applied_total", (("id", "orch-m-cms"),))] >= 2, "the agent's card and status"
+    assert got[("edgecoop_mqtt_connects_total", (("component", "orchestrator"), *me))] == 1

@@ -16,8 +16,9 @@ _NOT_GAUGES = ("settings", "bound", "parser_process")
 
 
 def register_orchestrator(metrics: Metrics, orch: Orchestrator) -> None:
-    """``edgecoop_orchestrator_*`` (counters, admission gauges, requests outstanding), ``edgecoop_cms_*`` of the
-    mirror it shares its connection with, and ``edgecoop_mqtt_*{component="orchestrator"}``."""
+    """``edgecoop_orchestrator_*`` (counters, admission gauges, requests outstanding), ``edgecoop_requester_*`` (re-sends,
+    late and bad replies, failed acks), ``edgecoop_cms_*`` of the mirror it shares its connection with, and
+    ``edgecoop_mqtt_*{component="orchestrator"}``."""
 
     def gauges() -> dict[str, Any]:
         stats = orch.admission.stats()
@@ -27,5 +28,6 @@ def register_orchestrator(metrics: Metrics, orch: Orchestrator) -> None:
         }
 
     metrics.add("orchestrator", orch.orchestrator_id, counters=lambda: orch.counters, gauges=gauges)
+    metrics.add("requester", orch.orchestrator_id, counters=orch.requester.statistics)
     metrics.add_connection("orchestrator", orch.orchestrator_id, orch.conn)
     orch.mirror.register_metrics(metrics)
