@@ -447,8 +447,12 @@ class FastParser:
         if mine and (personal or len(mine) == len(providers)):
             return None, {}  # the asker's own agents: the plan keeps to non-public providers
         public = sorted(p for p, c in providers.items() if c == "public")
-        if len(public) == 1 and not personal:
+        if len(public) == 1 and not personal and not mine:
             return public[0], {}
+        if public and mine:  # "Current temperature?": the kitchen's, or the asker's own? Not ours to guess
+            options = [*public, *sorted(mine)]
+            name = vocab.quantities[modality].name
+            return None, {"ask": f"Which {name} do you mean: {', '.join(options)}?", "options": tuple(options)}
         if len(providers) == 1:  # the only place that measures it (its privacy then governs the task)
             return next(iter(providers)), {}
         options = public or sorted(providers)

@@ -108,6 +108,8 @@ class Quantity:
 
     @property
     def name(self) -> str:
+        if len(set(self.labels.values())) > 1:  # "room temperature" here, "body temperature" there: the modality
+            return self.modality.replace("_", " ")
         return self.label or self.modality.replace("_", " ")
 
     def label_at(self, place: str | None) -> str:
