@@ -101,7 +101,8 @@ async def _ask(
 ) -> tuple[dict[str, Any], AnswerDispatcher]:
     cards, configs = world
     dispatcher = AnswerDispatcher(configs)
-    engine = Engine(StoreDirectory(cards), dispatcher, policy=policy)
+    # no SLM here (this dispatcher answers as the data agents would): the written answers are tests/test_writer.py's
+    engine = Engine(StoreDirectory(cards), dispatcher, policy=policy, write_answers=False)
 
     async def emit(_state: str, _extra: Mapping[str, Any]) -> None:
         return None

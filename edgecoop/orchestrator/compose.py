@@ -19,6 +19,10 @@ class Answer:
     facts: str = ""
     options: list[str] = field(default_factory=list)  # with decision "clarify": what the user may choose
     values: dict[str, float] = field(default_factory=dict)  # per place or per modality, for several targets
+    #: set when an SLM agent wrote the text: its model, the added ms and the faithfulness gate's verdict
+    writer: dict[str, Any] = field(default_factory=dict)
+    #: the answer is the edge's best while the cloud tier is unreachable (a public open question)
+    degraded: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"answer": self.text, "value": self.value, "decision": self.decision, "sources": self.sources,
@@ -27,6 +31,10 @@ class Answer:
             d["options"] = self.options
         if self.values:
             d["values"] = self.values
+        if self.writer:
+            d["writer"] = self.writer
+        if self.degraded:
+            d["degraded"] = True
         return d
 
 

@@ -35,6 +35,7 @@ from edgecoop.orchestrator.seams import Directory, Dispatcher
 from edgecoop.orchestrator.spec import Operation, TaskSpec, strictest
 from edgecoop.orchestrator.strategies import Strategy
 from edgecoop.orchestrator.vocabulary import Vocabulary
+from edgecoop.orchestrator.writer import AnswerWriter
 from edgecoop.wire import encode
 from edgecoop.worker import Worker
 
@@ -143,6 +144,7 @@ class Engine:
         sites: SiteCosts | None = None,
         policy: str | None = None,
         cloud_budget: CloudBudget | None = None,
+        write_answers: bool = True,
     ) -> None:
         self.mirror = mirror
         self.requester = requester
@@ -158,6 +160,9 @@ class Engine:
         self._vocab_lock = asyncio.Lock()
         #: the cloud gate (admission.py): concurrent cloud calls and spend per window; None = unlimited
         self.cloud_budget = cloud_budget
+        #: where an SLM agent exists it writes edge answers from the facts, through the faithfulness gate;
+        #: None = the deterministic answers only
+        self.writer: AnswerWriter | None = AnswerWriter() if write_answers else None
 
     def close(self) -> None:
         if self._model_worker is not None:
@@ -227,6 +232,7 @@ class Engine:
             # about the edge's own world: a clear failure with the reason, never a cloud guess
             reason = f"the edge could not serve the task: {exc}"
             return TaskOutcome("failed", None, "edge", spec, self._describe(plan), reason=reason)
+        answer = await self._written(run, answer, results)
         return TaskOutcome("done", answer, "edge", spec, self._describe(plan))
 
     async def _open(self, run: _Run) -> TaskOutcome:
@@ -244,6 +250,7 @@ class Engine:
             results["_question"] = run.sub.question
             if best_passages(results, run.sub.question, min_support=MIN_SUPPORT_OPEN) is not None:
                 answer = OPERATIONS[Operation.LOOKUP].answer(spec, results, self.vocab)
+                answer = await self._written(run, answer, results)
                 return TaskOutcome("done", answer, "edge", spec, self._describe(tried))
         outcome = await self._open_beyond_documents(run)
         if tried is not None:  # the plan shows every stage the task ran, the document look-up included
@@ -293,6 +300,20 @@ class Engine:
             return TaskOutcome("failed", None, "cloud", run.spec, self._describe(plan), reason=why)
         answer = OPERATIONS[Operation.OPEN].answer(run.spec, results, self.vocab)
         return TaskOutcome("done", answer, "cloud", run.spec, self._describe(plan), reason=reason)
+
+    async def _written(self, run: _Run, answer: Answer, results: Mapping[str, Any]) -> Answer:
+        """The answer an SLM agent wrote from the facts when the gate passes it (writer.py), else ``answer``."""
+        if self.writer is None or not self.writer.wants(answer, results):
+            return answer
+        found = await self.mirror.discover(DiscoveryQuery(kind="slm", limit=50))
+        if run.privacy != "public":  # the asker's own data is written only by an agent that keeps it private
+            found = [m for m in found if m.card.get("privacy", "public") != "public"]
+        if not found:
+            return answer
+        draft = self.writer.draft(run.sub.question, answer, results, self.vocab.places,
+                                  private=run.privacy != "public")  # fmt: skip
+        written = await self._execute(run, draft.plan)
+        return self.writer.accept(answer, draft, written.get("writer"))
 
     def _describe(self, plan: Plan) -> dict[str, Any]:
         return {"shape": plan.shape, "tier": plan.tier, "stages": [[s.describe() for s in st] for st in plan.stages]}
