@@ -294,6 +294,12 @@ def cmd_a2a_gateway(args: argparse.Namespace) -> int:
     return _run_async(run)
 
 
+def _models_eval(args: argparse.Namespace) -> int:
+    from edgecoop.benchmarks.modeleval import main as evaluate
+
+    return evaluate(args)
+
+
 # -- bench ---------------------------------------------------------------------------------------------
 def cmd_knowledge_topics(args: argparse.Namespace) -> int:
     """Print a suggested ``topics`` list for a knowledge capability's options, from its documents."""
@@ -610,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from edgecoop.models import add_models_parser
 
-    add_models_parser(sub)
+    add_models_parser(sub, evaluate=_models_eval)
     p = sub.add_parser("dashboard", help="serve the live web dashboard",
                        description="Serve a live web page of agents, tasks and their cooperation graphs, the "
                        "edge/cloud split and sensor sparklines (no authentication: bind to a trusted network).")  # fmt: skip

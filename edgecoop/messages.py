@@ -142,6 +142,8 @@ class ModelInfo:
     quant: str = ""
     ctx: int = 0
     tokens_per_s: float = 0.0
+    #: share of ``edgecoop models eval``'s small evaluation the model passed (0 = not measured)
+    quality: float = 0.0
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelInfo:
@@ -152,6 +154,7 @@ class ModelInfo:
             _opt(d, "quant", str, "", w),
             _opt(d, "ctx", int, 0, w),
             _opt(d, "tokens_per_s", float, 0.0, w),
+            _opt(d, "quality", float, 0.0, w),
         )
 
 

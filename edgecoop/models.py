@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +34,11 @@ __all__ = [
     "KNOWN_MODELS",
     "KnownModel",
     "add_models_parser",
+    "eval_path",
     "install",
     "install_command",
     "local_path",
+    "measured",
     "models_dir",
     "resolve_model",
 ]
@@ -98,6 +102,21 @@ def models_dir() -> Path:
     """Where assembled models are cached: ``$EDGECOOP_MODELS`` or ``~/.cache/edgecoop/models``."""
     env = os.environ.get("EDGECOOP_MODELS")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "edgecoop" / "models"
+
+
+def eval_path() -> Path:
+    """Where ``edgecoop models eval`` keeps its measurements (per model: tokens/s, context, quality)."""
+    return models_dir() / "eval.json"
+
+
+def measured(name: str) -> dict[str, Any]:
+    """The last ``edgecoop models eval`` measurement of a model, or {} (never measured, or unreadable)."""
+    try:
+        data = json.loads(eval_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    entry = data.get("models", {}).get(name) if isinstance(data, dict) else None
+    return entry if isinstance(entry, dict) else {}
 
 
 def _package_dir(module: str) -> Path | None:
@@ -211,6 +230,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"{m.name:<14} {m.params:>5} {m.quant:<7} {'chat' if m.chat else 'base':<5} {m.description}")
             print(f"{'':<14} {state}")
         return 0
+    if args.models_command == "eval":
+        return int(args.evaluate(args))
     if args.models_command == "install":
         if args.dry_run:
             print(shlex.join(install_command(args.name)))
@@ -221,8 +242,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_models_parser(sub: Any) -> None:
-    """Add ``models list|install|path`` to the top-level CLI's subparsers."""
+def add_models_parser(sub: Any, evaluate: Callable[[argparse.Namespace], int] | None = None) -> None:
+    """Add ``models list|install|path|eval`` to the top-level CLI's subparsers; ``evaluate`` runs the evaluation
+    (it needs the orchestrator's faithfulness gate, a layer above this module, so the CLI passes it in)."""
     p = sub.add_parser(
         "models",
         help="list, install and locate the offline GGUF models",
@@ -240,4 +262,13 @@ def add_models_parser(sub: Any) -> None:
     pp = msub.add_parser("path", help="print the local GGUF path of a model",
                          description="Print the GGUF file of a known model name or check a .gguf path.")  # fmt: skip
     pp.add_argument("name", help="known model name or path to a .gguf file")
+    if evaluate is not None:
+        e = msub.add_parser("eval", help="measure tokens/s, context and quality of the installed models",
+                            description="Run the small evaluation (answers written from facts through the "
+                            "faithfulness gate, short general questions scored by keywords) on each installed model "
+                            f"and record tokens/s, context and quality in {eval_path()} for the agents' cards.")  # fmt: skip
+        e.add_argument("names", nargs="*", help="models to evaluate (default: every installed known model)")
+        e.add_argument("--quick", action="store_true", help="a third of the evaluation")
+        e.add_argument("--json", metavar="FILE", help="also write the results to FILE")
+        e.set_defaults(evaluate=evaluate)
     p.set_defaults(func=cmd_models)

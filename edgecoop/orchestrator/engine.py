@@ -21,6 +21,7 @@ from edgecoop.cms.discovery import DiscoveryQuery, Match
 from edgecoop.cms.sites import SiteCosts
 from edgecoop.errors import AgentWentOffline, BrokerError, CloudBudgetExceeded, RequestError, StepFailed, TopicError
 from edgecoop.orchestrator.compose import Answer
+from edgecoop.orchestrator.modelchoice import pick_model
 from edgecoop.orchestrator.operations import (
     MIN_SUPPORT_OPEN,
     OPERATIONS,
@@ -35,6 +36,7 @@ from edgecoop.orchestrator.seams import Directory, Dispatcher
 from edgecoop.orchestrator.spec import Operation, TaskSpec, strictest
 from edgecoop.orchestrator.strategies import Strategy
 from edgecoop.orchestrator.vocabulary import Vocabulary
+from edgecoop.orchestrator.writer import MAX_TOKENS as WRITER_TOKENS
 from edgecoop.orchestrator.writer import AnswerWriter
 from edgecoop.wire import encode
 from edgecoop.worker import Worker
@@ -56,6 +58,8 @@ PLACE_BOUND = frozenset({"sensor", "camera"})  # kinds whose answer depends on w
 MODEL_THRESHOLD = 0.6
 #: an open question escalates only when the parser is at least this sure it is general knowledge
 GENERAL_THRESHOLD = 0.6
+#: a written answer may add at most this much to a task: a model too slow for it is not chosen (modelchoice.py)
+WRITER_BUDGET_S = 8.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,12 +310,12 @@ class Engine:
         if self.writer is None or not self.writer.wants(answer, results):
             return answer
         found = await self.mirror.discover(DiscoveryQuery(kind="slm", limit=50))
-        if run.privacy != "public":  # the asker's own data is written only by an agent that keeps it private
-            found = [m for m in found if m.card.get("privacy", "public") != "public"]
-        if not found:
+        # written where the data's owner runs: the asker's own data on a private agent, public data on a public one
+        found = [m for m in found if (m.card.get("privacy", "public") == "public") == (run.privacy == "public")]
+        chosen = pick_model(found, max_tokens=WRITER_TOKENS, budget_s=min(WRITER_BUDGET_S, run.remaining()))
+        if chosen is None:
             return answer
-        draft = self.writer.draft(run.sub.question, answer, results, self.vocab.places,
-                                  private=run.privacy != "public")  # fmt: skip
+        draft = self.writer.draft(run.sub.question, answer, results, self.vocab.places, agent=chosen.agent_id)
         written = await self._execute(run, draft.plan)
         return self.writer.accept(answer, draft, written.get("writer"))
 

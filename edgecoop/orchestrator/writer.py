@@ -57,6 +57,7 @@ class Draft:
     plan: Plan
     facts: Facts
     sources: tuple[str, ...] = ()  # the cited passages' documents, [1]..[n]
+    summary: str = ""  # an SLM summary already in the deterministic text (the summarize option): gated too
     started: float = field(default_factory=time.monotonic)
 
 
@@ -77,8 +78,8 @@ class AnswerWriter:
         return not ({"slm", "cloud"} & results.keys())  # an open answer is a model's text already
 
     def draft(self, question: str, answer: Answer, results: Mapping[str, Any], known_places: Iterable[str], *,
-              private: bool = False) -> Draft:  # fmt: skip
-        """``private``: only an agent whose card is not public may write it (the asker's own data)."""
+              agent: str | None = None) -> Draft:  # fmt: skip
+        """``agent``: the SLM agent the planner chose (modelchoice.py); None = any."""
         passages = _passages(results, question) if answer.sources and "knowledge" in results else []
         if passages:
             listed = "\n".join(f"[{i}] {p.get('title', '')}: {str(p.get('text', ''))[:MAX_PASSAGE_CHARS]}"
@@ -101,8 +102,9 @@ class AnswerWriter:
                                 known_places=known_places, question=question)  # fmt: skip
             sources = ()
         step = Step("writer", "slm", inp, need="write an answer from facts", optional=True, timeout_s=STEP_TIMEOUT_S,
-                    private_only=private)  # fmt: skip
-        return Draft(Plan(((step,),), "single", "edge"), facts, sources)
+                    agent=agent)  # fmt: skip
+        summary = str((results.get("summary") or {}).get("text", "")).strip()
+        return Draft(Plan(((step,),), "single", "edge"), facts, sources, summary)
 
     def accept(self, answer: Answer, draft: Draft, result: Mapping[str, Any] | None) -> Answer:
         """The written answer when it passes the gate; otherwise the deterministic one. Both cite their passages."""
@@ -123,6 +125,8 @@ class AnswerWriter:
             self.counters.failed += 1
             log.info("faithfulness gate stopped %s's text (%s): %r", model or "the SLM", verdict.reason, text)
         fallback = answer.text
+        if draft.summary and not check(draft.summary, draft.facts).ok:
+            fallback = answer.facts  # the summary a model wrote is not sent unchecked either
         if draft.sources:
             fallback = _cited(f"{answer.text} [1]", draft.sources)
         return dataclasses.replace(answer, text=fallback, writer=info)

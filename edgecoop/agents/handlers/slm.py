@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from edgecoop.agents.handlers.base import AgentContext, CallContext, Handler
 from edgecoop.errors import CapabilityError, ConfigError, DependencyMissing
 from edgecoop.messages import ModelInfo
-from edgecoop.models import DEFAULT_MODEL, KNOWN_MODELS, resolve_model
+from edgecoop.models import DEFAULT_MODEL, KNOWN_MODELS, measured, resolve_model
 from edgecoop.worker import Worker
 
 if TYPE_CHECKING:
@@ -160,6 +160,7 @@ class SlmHandler(Handler):
         self.model_name = known.name if known else Path(model).stem
         self.model_path: Path | None = None
         self.tokens_per_s = 0.0
+        self.quality = 0.0
         self._params = known.params if known else ""
         self._quant = known.quant if known else ""
         self._llm: Any = None
@@ -202,6 +203,8 @@ class SlmHandler(Handler):
             self._quant = _FILE_TYPES.get(int(ftype), "") if ftype.isdigit() else ""
             self._quant = self._quant or (name_match.group(1).upper() if name_match else "")
         self.tokens_per_s = self._measure_decode_rate()
+        # the quality `edgecoop models eval` measured for this model (0 = never evaluated on this machine)
+        self.quality = float(measured(self.model_name).get("quality", 0.0))
 
     def _measure_decode_rate(self) -> float:
         """Warm-up: decode tokens/s of a short plain completion, from the median gap between tokens (the prompt
@@ -226,7 +229,7 @@ class SlmHandler(Handler):
             await asyncio.to_thread(worker.close)  # joins the (now idle) thread without blocking the loop
 
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(self.model_name, self._params, self._quant, self.n_ctx, self.tokens_per_s)]
+        return [ModelInfo(self.model_name, self._params, self._quant, self.n_ctx, self.tokens_per_s, self.quality)]
 
     # -- requests ------------------------------------------------------------------------------------------
     def _parse(self, request_input: Mapping[str, Any]) -> _Job:
