@@ -117,4 +117,36 @@ def test_every_models_subcommand_has_help():
     assert models_parser.description
     for name, p in inner.choices.items():
         assert p.description, name
-    assert {h.dest for h in inner._choices_actions if h.help} == {"list", "install", "path"}
+    assert {h.dest for h in inner._choices_actions if h.help} == {"list", "install", "path", "eval"}
+
+
+def test_measurements_are_read_from_the_eval_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGECOOP_MODELS", str(tmp_path))
+    assert models.measured("smollm2-135m") == {}  # never evaluated here
+    models.eval_path().write_text('{"models": {"smollm2-135m": {"quality": 0.42, "tokens_per_s": 50.0}}}')
+    assert models.measured("smollm2-135m")["quality"] == 0.42
+    assert models.measured("gemma3-270m") == {}
+    models.eval_path().write_text("not json")
+    assert models.measured("smollm2-135m") == {}
+
+
+@pytest.mark.llm
+@pytest.mark.timeout(900)
+async def test_models_eval_measures_a_model_and_its_agent_states_the_quality(tmp_path, monkeypatch, make_agent):
+    pytest.importorskip("llama_cpp")
+    import asyncio
+    import json
+
+    monkeypatch.setenv("EDGECOOP_MODELS", str(tmp_path))
+    out = tmp_path / "models.json"
+    rc = await asyncio.to_thread(main, ["models", "eval", "smollm2-135m", "--quick", "--json", str(out)])
+    assert rc == 0
+    m = json.loads(out.read_text())["models"]["smollm2-135m"]
+    assert m["tokens_per_s"] > 0 and m["ctx"] == 8192 and 0.0 <= m["quality"] <= 1.0
+    assert m["writing_items"] >= 3 and m["knowing_items"] >= 3
+    assert m["quality"] == round((m["writing_faithful"] + m["knowing_correct"]) / 2, 4)
+    assert models.measured("smollm2-135m")["quality"] == m["quality"]
+    agent = make_agent("slm-q", capabilities=[{"kind": "slm", "options": {"model": "smollm2-135m", "n_threads": 1}}])
+    async with agent:
+        [info] = agent.card().models
+    assert info.quality == m["quality"] and info.tokens_per_s > 0

@@ -45,9 +45,15 @@ def _writing_items() -> list[dict[str, Any]]:
 def _knowing_items() -> list[dict[str, Any]]:
     from edgecoop.scenarios.taskset import load_tasks
 
-    return [{"id": t.id, "question": t.question, "keywords": list(t.expect.get("keywords", []))}
-            for t in load_tasks() if t.intent == "open" and t.privacy == "public" and t.expect.get("keywords")
-            and split_of(t.id) == "dev"]  # fmt: skip
+    items = []
+    for t in load_tasks():
+        if t.intent != "open" or t.privacy != "public" or split_of(t.id) != "dev":
+            continue
+        # a keyword the question holds is no evidence: a model that echoes the question would score
+        keywords = [k for k in t.expect.get("keywords", []) if k.lower() not in t.question.lower()]
+        if keywords:
+            items.append({"id": t.id, "question": t.question, "keywords": keywords})
+    return items
 
 
 class _Model:
@@ -75,6 +81,7 @@ class _Model:
 
     def generate(self, system: str, prompt: str, max_tokens: int) -> tuple[str, float]:
         t0 = time.perf_counter()
+        out: Any
         if self.chat:
             out = self.llm.create_chat_completion(
                 messages=[{"role": "system", "content": system}, {"role": "user", "content": prompt}],
