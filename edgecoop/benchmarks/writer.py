@@ -140,7 +140,7 @@ def _summarise(base: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, Any
 
 
 async def run(
-    *, quick: bool = False, models: Sequence[str] = MODELS, every: int = 3, concurrency: int = 4
+    *, quick: bool = False, models: Sequence[str] = MODELS, every: int = 6, concurrency: int = 4
 ) -> dict[str, Any]:
     from edgecoop.scenarios.taskset import load_tasks
 

@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 #: Every state a task event may carry, in lifecycle order.
-TASK_STATES = ("received", "classified", "planned", "step_done", "escalated", "done", "failed", "timed_out")
+TASK_STATES = ("received", "classified", "planned", "step_done", "escalated", "degraded", "done", "failed", "timed_out")
 TERMINAL_STATES = frozenset({"done", "failed", "timed_out"})
 TIERS = ("edge", "cloud", "none")
 #: how a finished task counts: done at the edge, done in the cloud, done with no tier (refused, asked back), failed
@@ -169,7 +169,7 @@ def parse_task_event(d: Mapping[str, Any], topic_task_id: str) -> dict[str, Any]
         event["tier"] = tier
     if isinstance(d.get("strategy"), str):
         event["strategy"] = _text(d["strategy"], 32)
-    for key in ("latency_ms", "cost"):
+    for key in ("latency_ms", "cost", "confidence"):  # confidence: a degraded answer's (the edge model's)
         if (n := _number(d.get(key))) is not None:
             event[key] = n
     return event
@@ -333,7 +333,8 @@ class DashboardState:
         task["updated"] = max(task["updated"], event["ts"])
         if len(task["history"]) < _MAX_HISTORY:
             task["history"].append({"state": state, "ts": event["ts"]})
-        for key in ("question", "classification", "plan", "answer", "tier", "latency_ms", "cost", "strategy"):
+        for key in ("question", "classification", "plan", "answer", "tier", "latency_ms", "cost", "strategy",
+                    "confidence"):  # fmt: skip
             if key in event:
                 task[key] = event[key]
         if "step" in event and len(task["steps"]) < _MAX_STEPS:

@@ -21,6 +21,8 @@ from edgecoop.cms.discovery import DiscoveryQuery, Match
 from edgecoop.cms.sites import SiteCosts
 from edgecoop.errors import AgentWentOffline, BrokerError, CloudBudgetExceeded, RequestError, StepFailed, TopicError
 from edgecoop.orchestrator.compose import Answer
+from edgecoop.orchestrator.confidence import THRESHOLD as CASCADE_THRESHOLD
+from edgecoop.orchestrator.confidence import load_calibration, open_plan
 from edgecoop.orchestrator.modelchoice import pick_model
 from edgecoop.orchestrator.operations import (
     MIN_SUPPORT_OPEN,
@@ -30,7 +32,7 @@ from edgecoop.orchestrator.operations import (
     knowledge_step,
 )
 from edgecoop.orchestrator.parser import FastParser, Parser, privacy_of
-from edgecoop.orchestrator.plans import Plan, Step, cloud_plan, slm_plan
+from edgecoop.orchestrator.plans import Plan, Step, cloud_plan
 from edgecoop.orchestrator.relevance import rank_declared
 from edgecoop.orchestrator.seams import Directory, Dispatcher
 from edgecoop.orchestrator.spec import Operation, TaskSpec, strictest
@@ -167,6 +169,9 @@ class Engine:
         #: where an SLM agent exists it writes edge answers from the facts, through the faithfulness gate;
         #: None = the deterministic answers only
         self.writer: AnswerWriter | None = AnswerWriter() if write_answers else None
+        #: open answers' confidence: the model's sample agreement, calibrated on the dev split (confidence.py)
+        self.calibration = load_calibration()
+        self.cascade_threshold = CASCADE_THRESHOLD
 
     def close(self) -> None:
         if self._model_worker is not None:
@@ -273,20 +278,28 @@ class Engine:
                             "is general knowledge, so I will not guess. Please rephrase.", spec, run.privacy)  # fmt: skip
         if run.strategy.tier(spec) == "cloud":
             return await self._cloud(run, reason="strategy")
-        plan = slm_plan(run.sub.question)
-        await run.emit("planned", {"plan": self._describe(plan)})
         try:
-            results = await self._execute(run, plan)
-            answer = OPERATIONS[Operation.OPEN].answer(spec, results, self.vocab)
+            answer, plan = await self._edge_open(run)
         except StepFailed as exc:
             if run.strategy.escalate and run.strategy.name != "edge-only":
                 return await self._cloud(run, reason=f"edge failed: {exc}")
-            return TaskOutcome("failed", None, "edge", spec, self._describe(plan), reason=f"edge failed: {exc}")
-        if run.strategy.escalate and answer.confidence < 0.5:
-            return await self._cloud(run, reason=f"low edge confidence {answer.confidence:.2f}")
+            return TaskOutcome("failed", None, "edge", spec, self._describe(open_plan(run.sub.question)),
+                               reason=f"edge failed: {exc}")  # fmt: skip
+        if run.strategy.escalate and answer.confidence < self.cascade_threshold:
+            return await self._cloud(run, reason=f"low edge confidence {answer.confidence:.2f}", fallback=answer)
         return TaskOutcome("done", answer, "edge", spec, self._describe(plan))
 
-    async def _cloud(self, run: _Run, *, reason: str) -> TaskOutcome:
+    async def _edge_open(self, run: _Run) -> tuple[Answer, Plan]:
+        """The edge model's answer to an open question, its confidence measured from the model (confidence.py)."""
+        plan = open_plan(run.sub.question)
+        await run.emit("planned", {"plan": self._describe(plan)})
+        results = await self._execute(run, plan)
+        answer = OPERATIONS[Operation.OPEN].answer(run.spec, results, self.vocab)
+        agreement = results.get("slm", {}).get("agreement")
+        confidence = self.calibration(float(agreement)) if isinstance(agreement, int | float) else 0.0
+        return dataclasses.replace(answer, confidence=confidence), plan
+
+    async def _cloud(self, run: _Run, *, reason: str, fallback: Answer | None = None) -> TaskOutcome:
         if run.privacy != "public" or not (run.spec.operation is Operation.OPEN or run.strategy.cloud_everything):
             raise StepFailed("refusing to send a non-public or world task to the cloud")  # defence in depth
         plan = cloud_plan(run.sub.question)
@@ -301,9 +314,25 @@ class Engine:
             return _refusal(f"I cannot answer this now: {exc}.", run.spec, run.privacy)
         except StepFailed as exc:
             why = f"{reason}; cloud failed: {exc}" if reason != "strategy" else f"cloud failed: {exc}"
+            if not run.strategy.cloud_everything and run.spec.operation is Operation.OPEN:
+                return await self._degraded(run, why, fallback)
             return TaskOutcome("failed", None, "cloud", run.spec, self._describe(plan), reason=why)
         answer = OPERATIONS[Operation.OPEN].answer(run.spec, results, self.vocab)
         return TaskOutcome("done", answer, "cloud", run.spec, self._describe(plan), reason=reason)
+
+    async def _degraded(self, run: _Run, why: str, answer: Answer | None) -> TaskOutcome:
+        """The cloud is unreachable: a public open question gets the edge model's best answer, marked degraded
+        with its confidence, instead of failing."""
+        plan = open_plan(run.sub.question)
+        if answer is None:
+            try:
+                answer, plan = await self._edge_open(run)
+            except StepFailed as exc:
+                return TaskOutcome("failed", None, "edge", run.spec, self._describe(plan), reason=f"{why}; edge: {exc}")
+        answer = dataclasses.replace(answer, degraded=True)
+        await run.emit("degraded", {"reason": why, "confidence": round(answer.confidence, 3)})
+        reason = f"{why}; the edge model's best answer (degraded, confidence {answer.confidence:.2f})"
+        return TaskOutcome("done", answer, "edge", run.spec, self._describe(plan), reason=reason)
 
     async def _written(self, run: _Run, answer: Answer, results: Mapping[str, Any]) -> Answer:
         """The answer an SLM agent wrote from the facts when the gate passes it (writer.py), else ``answer``."""

@@ -39,13 +39,15 @@ from edgecoop.worker import Worker
 if TYPE_CHECKING:
     from edgecoop.agents.config import AgentConfig, CapabilitySpec
 
-__all__ = ["SlmHandler", "choices_grammar"]
+__all__ = ["SlmHandler", "agreement", "choices_grammar"]
 
 MAX_CHOICES = 256
 MAX_CHOICE_CHARS = 256
 MAX_SCHEMA_CHARS = 32_768
 MAX_SCHEMA_DEPTH = 32
 MAX_SCHEMA_REPEAT = 1000  # minItems/maxLength & co. expand into grammar text of that size
+MAX_SAMPLES = 4
+SAMPLE_TEMPERATURE = 0.8
 _REPEAT_KEYS = frozenset({"minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties",
                           "minContains", "maxContains"})  # fmt: skip
 _WARMUP_PROMPT = "The weather station on the hill reported that"
@@ -121,6 +123,7 @@ class _Job:
     max_tokens: int
     choices: tuple[str, ...] = ()
     schema: str = ""  # canonical JSON text of json_schema
+    samples: int = 0  # extra sampled answers whose agreement with the greedy one is the model's confidence
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +132,23 @@ class _Generation:
     tokens: int
     finish_reason: str  # stop | length | deadline | cancelled
     seconds: float
+    agreement: float | None = None  # with ``samples``: mean word overlap of the samples with the answer
+
+
+_WORDS = re.compile(r"[a-z0-9]+")
+
+
+def agreement(answer: str, samples: list[str]) -> float:
+    """Mean Jaccard overlap of each sample's words with the answer's: a model that says the same thing whatever
+    the sampling is surer of it than one whose samples scatter (self-consistency)."""
+    a = set(_WORDS.findall(answer.lower()))
+    if not samples:
+        return 0.0
+    scores = []
+    for s in samples:
+        b = set(_WORDS.findall(s.lower()))
+        scores.append(len(a & b) / len(a | b) if a | b else 1.0)
+    return sum(scores) / len(scores)
 
 
 class SlmHandler(Handler):
@@ -264,7 +284,12 @@ class SlmHandler(Handler):
                 raise CapabilityError(f"slm 'json_schema' is larger than {MAX_SCHEMA_CHARS} characters")
             _check_schema(js)
             self._grammar(("schema", schema))  # reject unsupported schemas before queueing for the model
-        return _Job(prompt, system, max_tokens, choices, schema)
+        samples = request_input.get("samples", 0)
+        if isinstance(samples, bool) or not isinstance(samples, int) or not 0 <= samples <= MAX_SAMPLES:
+            raise CapabilityError(f"slm 'samples' must be an integer in 0..{MAX_SAMPLES}, not {samples!r}")
+        if samples and (choices or schema):
+            raise CapabilityError("slm 'samples' applies to free text, not to 'choices' or 'json_schema'")
+        return _Job(prompt, system, max_tokens, choices, schema, samples)
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - bounded; handlers live as long as their agent
     def _grammar(self, key: tuple[str, str | tuple[str, ...]]) -> Any:
@@ -327,6 +352,8 @@ class SlmHandler(Handler):
             "elapsed_ms": round((time.perf_counter() - started) * 1000, 2),
             "finish_reason": gen.finish_reason,
         }
+        if gen.agreement is not None:
+            result["agreement"] = round(gen.agreement, 4)
         if job.choices:
             answer = gen.text if gen.text in job.choices else gen.text.strip()
             if answer not in job.choices:
@@ -428,4 +455,25 @@ class SlmHandler(Handler):
             tokens = max_tokens
         else:  # stream pieces can merge tokens (multi-byte characters): count by re-tokenising the text
             tokens = len(llm.tokenize(out.encode(), add_bos=False, special=False)) if out else 0
-        return _Generation(out, tokens, finish, seconds)
+        agree = None
+        if job.samples and finish != "deadline":
+            drawn = []
+            for seed in range(1, job.samples + 1):
+                if expired():
+                    break
+                drawn.append(self._sample(job, seed))
+            agree = agreement(out, drawn) if drawn else None
+        return _Generation(out, tokens, finish, seconds, agree)
+
+    def _sample(self, job: _Job, seed: int) -> str:
+        """One answer drawn at SAMPLE_TEMPERATURE (for the agreement), not streamed."""
+        out: Any
+        if self.chat:
+            messages = [{"role": "system", "content": job.system}] if job.system else []
+            messages.append({"role": "user", "content": job.prompt})
+            out = self._llm.create_chat_completion(messages=messages, max_tokens=job.max_tokens,
+                                                   temperature=SAMPLE_TEMPERATURE, seed=seed)  # fmt: skip
+            return str(out["choices"][0]["message"]["content"] or "")
+        prompt = f"{job.system}\n\n{job.prompt}" if job.system else job.prompt
+        out = self._llm.create_completion(prompt, max_tokens=job.max_tokens, temperature=SAMPLE_TEMPERATURE, seed=seed)
+        return str(out["choices"][0]["text"])

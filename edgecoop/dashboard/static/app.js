@@ -287,6 +287,9 @@ function renderTask(t) {
         ? el("span", { class: "tier tier-none" }, `tried ${t.tier}`)
         : el("span", { class: `tier tier-${t.tier}` }, t.tier)) : null,
       (t.history || []).some((h) => h.state === "escalated") ? el("span", { class: "escalated" }, "escalated") : null,
+      // the cloud was unreachable: the answer is the edge model's best, with the confidence it measured
+      (t.history || []).some((h) => h.state === "degraded") ? el("span", { class: "degraded", title: "cloud unreachable: the edge model's best answer" },
+        t.confidence != null ? `degraded · confidence ${fmt(t.confidence, 2)}` : "degraded") : null,
       t.latency_ms != null ? el("span", {}, `${fmt(t.latency_ms, 0)} ms`) : null,
       t.cost != null ? el("span", {}, `cost ${fmt(t.cost, 4)}`) : null,
       shape ? el("span", {}, shape) : null,
