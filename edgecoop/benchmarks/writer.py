@@ -33,11 +33,11 @@ def _pct(values: Sequence[float], p: float) -> float:
     return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))] if s else 0.0
 
 
-def independent_faithful(sent: str, deterministic: str, passages: str = "") -> bool:
-    """Every number in the sent text is a number of the deterministic answer (or its passages), up to rounding.
+def independent_faithful(sent: str, deterministic: str, question: str = "") -> bool:
+    """Every number in the sent text is a number of the deterministic answer (or the question), up to rounding.
     Deliberately a second, simpler implementation than the gate's: the benchmark does not grade the gate with
     the gate."""
-    allowed = [float(n) for n in _NUM.findall(deterministic + " " + passages)]
+    allowed = [float(n) for n in _NUM.findall(deterministic + " " + question)]
     body = re.sub(r"\[\d+\]", " ", sent)
     for tok in _NUM.findall(body):
         half = 0.5 * 10 ** -(len(tok.split(".")[1]) if "." in tok else 0) + 1e-9
@@ -99,13 +99,14 @@ async def _run_model(model: str | None, tasks: Sequence[Any], concurrency: int) 
 
 def _summarise(base: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, Any]:
     score = run["score"]
-    by_id = {t.id: r for t, r in base["pairs"]}
     written = [(t, r) for t, r in run["pairs"] if r.get("writer")]
     passed = [(t, r) for t, r in written if r["writer"]["gate"] == "passed"]
     ms = [float(r["writer"]["ms"]) for _, r in written]
+    # a stopped text was replaced by the deterministic answer (the facts themselves); a passed one is checked here
+    # against the deterministic answer of the same run, which the writer keeps as "replaced"
     sent_faithful = sum(
-        1 for t, r in written if independent_faithful(str(r.get("answer", "")), str(by_id[t.id].get("answer", "")),
-                                                      " ".join(str(s) for s in r.get("sources", [])))
+        1 for t, r in written if r["writer"]["gate"] != "passed" or independent_faithful(
+            str(r.get("answer", "")), str(r["writer"].get("replaced", "")), t.question)
     )  # fmt: skip
     lat = [r["latency_ms"] for _, r in run["pairs"]]
     base_lat = [r["latency_ms"] for _, r in base["pairs"]]
@@ -140,7 +141,7 @@ def _summarise(base: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, Any
 
 
 async def run(
-    *, quick: bool = False, models: Sequence[str] = MODELS, every: int = 6, concurrency: int = 4
+    *, quick: bool = False, models: Sequence[str] = MODELS, every: int = 6, concurrency: int = 1
 ) -> dict[str, Any]:
     from edgecoop.scenarios.taskset import load_tasks
 

@@ -67,7 +67,8 @@ class Facts:
         words = _WORD.findall(low)
         return cls(
             text=text,
-            numbers=frozenset(numbers_in(text)) | frozenset(float(v) for v in values),
+            # the asker's own numbers ("over the last 10 minutes") may be repeated; they are not measurements
+            numbers=frozenset(numbers_in(text)) | frozenset(float(v) for v in values) | frozenset(numbers_in(question)),
             places=frozenset(p for p in known if _has_phrase(low, p)),
             known_places=known,
             verdicts=frozenset(_VERDICTS[w] for w in words if w in _VERDICTS),

@@ -120,7 +120,10 @@ class AnswerWriter:
         info = {"model": model, "ms": ms, "gate": "passed" if verdict.ok else f"failed: {verdict.reason}"}
         if verdict.ok:
             self.counters.passed += 1
-            return dataclasses.replace(answer, text=_cited(text, draft.sources), writer=info)
+            # what it replaced stays auditable: the deterministic answer from the same facts
+            return dataclasses.replace(
+                answer, text=_cited(text, draft.sources), writer=info | {"replaced": answer.text}
+            )
         if text:
             self.counters.failed += 1
             log.info("faithfulness gate stopped %s's text (%s): %r", model or "the SLM", verdict.reason, text)
