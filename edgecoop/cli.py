@@ -550,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Benchmarks: rpc (vs raw paho), cms (ingest and discovery latency).")  # fmt: skip
     p.add_argument(
         "which",
-        choices=["rpc", "cms", "scheduling", "slm", "understanding", "scale", "a2a", "overload", "tasks", "writer"],
+        choices=["rpc", "cms", "scheduling", "slm", "understanding", "scale", "a2a", "overload", "tasks", "writer", "cascade"],
         help="which benchmark",
     )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
