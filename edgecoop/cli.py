@@ -294,6 +294,10 @@ def cmd_a2a_gateway(args: argparse.Namespace) -> int:
     return _run_async(run)
 
 
+BENCHMARKS = ["rpc", "cms", "scheduling", "slm", "understanding", "scale", "a2a", "overload", "tasks", "writer",
+              "cascade"]  # fmt: skip
+
+
 def _models_eval(args: argparse.Namespace) -> int:
     from edgecoop.benchmarks.modeleval import main as evaluate
 
@@ -550,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Benchmarks: rpc (vs raw paho), cms (ingest and discovery latency).")  # fmt: skip
     p.add_argument(
         "which",
-        choices=["rpc", "cms", "scheduling", "slm", "understanding", "scale", "a2a", "overload", "tasks", "writer", "cascade"],
+        choices=BENCHMARKS,
         help="which benchmark",
     )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
