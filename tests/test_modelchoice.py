@@ -27,3 +27,9 @@ def test_names_do_not_matter_and_unmeasured_models_rank_last():
     unmeasured = _m("z", "new-model", 0.0, 90.0)
     assert rank_models([unmeasured, x], max_tokens=64, budget_s=8.0)[0] is x
     assert pick_model([], max_tokens=64, budget_s=8.0) is None
+
+
+def test_an_optional_step_is_skipped_when_no_model_fits_its_budget():
+    slow = _m("a", "gemma3-270m", 0.7, 4.0)
+    assert pick_model([slow], max_tokens=64, budget_s=8.0, strict=True) is None
+    assert pick_model([slow], max_tokens=64, budget_s=8.0) is slow  # a required step still tries the fastest

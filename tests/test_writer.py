@@ -32,6 +32,9 @@ async def test_edge_answers_are_written_from_the_facts_and_gated(settings, topic
         await a.__aenter__()
     try:
         async with Orchestrator(settings, topics=topics) as orch:
+            # this test is about what is sent, not about speed: on a loaded machine the cards' measured decode
+            # rates would make the planner skip writing (bench writer measures the latency)
+            orch.engine.writer_budget_s = 60.0
             check = await orch.submit("Is NO2 at Harbour Gate above the WHO limit?")
             doc = await orch.submit("According to the city procedure, when should buses be rerouted?")
             vitals = await orch.submit("How is my heart rate?")

@@ -169,6 +169,7 @@ class Engine:
         #: where an SLM agent exists it writes edge answers from the facts, through the faithfulness gate;
         #: None = the deterministic answers only
         self.writer: AnswerWriter | None = AnswerWriter() if write_answers else None
+        self.writer_budget_s = WRITER_BUDGET_S
         #: open answers' confidence: the model's sample agreement, calibrated on the dev split (confidence.py)
         self.calibration = load_calibration()
         self.cascade_threshold = CASCADE_THRESHOLD
@@ -341,10 +342,12 @@ class Engine:
         found = await self.mirror.discover(DiscoveryQuery(kind="slm", limit=50))
         # written where the data's owner runs: the asker's own data on a private agent, public data on a public one
         found = [m for m in found if (m.card.get("privacy", "public") == "public") == (run.privacy == "public")]
-        chosen = pick_model(found, max_tokens=WRITER_TOKENS, budget_s=min(WRITER_BUDGET_S, run.remaining()))
-        if chosen is None:
+        budget = min(self.writer_budget_s, run.remaining() - 1.0)
+        chosen = pick_model(found, max_tokens=WRITER_TOKENS, budget_s=budget, strict=True)
+        if chosen is None:  # no model is expected to write it in time: the deterministic answer goes out now
             return answer
-        draft = self.writer.draft(run.sub.question, answer, results, self.vocab.places, agent=chosen.agent_id)
+        draft = self.writer.draft(run.sub.question, answer, results, self.vocab.places, agent=chosen.agent_id,
+                                  timeout_s=budget)  # fmt: skip
         written = await self._execute(run, draft.plan)
         return self.writer.accept(answer, draft, written.get("writer"))
 

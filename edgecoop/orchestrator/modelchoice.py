@@ -2,8 +2,9 @@
 
 Cards state each model's measured decode speed (the agent's warm-up) and its quality (``edgecoop models eval``).
 A step needs ``max_tokens`` within a time budget; among the agents whose expected time fits, the best measured
-quality wins, then the faster model. A model never evaluated (quality 0) ranks after every evaluated one; when no
-model fits the budget, the fastest is tried. Names play no part.
+quality wins, then the faster model. A model never evaluated (quality 0) ranks after every evaluated one. When no
+model fits the budget, :func:`pick_model` returns None for an optional step (``strict``: the step is skipped, as the
+answer writer is) and otherwise the fastest. Names play no part.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def rank_models(found: Sequence[Match], *, max_tokens: int, budget_s: float) -> 
     return sorted(found, key=key)
 
 
-def pick_model(found: Sequence[Match], *, max_tokens: int, budget_s: float) -> Match | None:
+def pick_model(found: Sequence[Match], *, max_tokens: int, budget_s: float, strict: bool = False) -> Match | None:
+    """The best agent for the step; with ``strict``, None when no model is expected to finish within the budget."""
     ranked = rank_models(found, max_tokens=max_tokens, budget_s=budget_s)
-    return ranked[0] if ranked else None
+    if not ranked or (strict and expected_s(ranked[0].card, max_tokens) > budget_s):
+        return None
+    return ranked[0]

@@ -78,8 +78,9 @@ class AnswerWriter:
         return not ({"slm", "cloud"} & results.keys())  # an open answer is a model's text already
 
     def draft(self, question: str, answer: Answer, results: Mapping[str, Any], known_places: Iterable[str], *,
-              agent: str | None = None) -> Draft:  # fmt: skip
-        """``agent``: the SLM agent the planner chose (modelchoice.py); None = any."""
+              agent: str | None = None, timeout_s: float = STEP_TIMEOUT_S) -> Draft:  # fmt: skip
+        """``agent``: the SLM agent the planner chose (modelchoice.py), None = any; ``timeout_s``: the most the
+        writing may add to the task (past it the deterministic answer is sent)."""
         passages = _passages(results, question) if answer.sources and "knowledge" in results else []
         if passages:
             listed = "\n".join(f"[{i}] {p.get('title', '')}: {str(p.get('text', ''))[:MAX_PASSAGE_CHARS]}"
@@ -101,7 +102,7 @@ class AnswerWriter:
             facts = Facts.build(" ".join(lines), values=values, decision=answer.decision, main_value=answer.value,
                                 known_places=known_places, question=question)  # fmt: skip
             sources = ()
-        step = Step("writer", "slm", inp, need="write an answer from facts", optional=True, timeout_s=STEP_TIMEOUT_S,
+        step = Step("writer", "slm", inp, need="write an answer from facts", optional=True, timeout_s=timeout_s,
                     agent=agent)  # fmt: skip
         summary = str((results.get("summary") or {}).get("text", "")).strip()
         return Draft(Plan(((step,),), "single", "edge"), facts, sources, summary)
