@@ -25,6 +25,7 @@ from edgecoop.benchmarks.rpc import machine_info
 __all__ = ["MODELS", "independent_faithful", "main", "run"]
 
 MODELS = ("smollm2-135m", "gemma3-270m")
+WRITER_BUDGET_S = 20.0
 _NUM = re.compile(r"(?<![\w.])\d+(?:\.\d+)?")
 
 
@@ -80,6 +81,9 @@ async def _run_model(model: str | None, tasks: Sequence[Any], concurrency: int) 
             tokens_per_s = [m.tokens_per_s for a in agents for h in a.handlers.values() if h.kind == "slm"
                             for m in h.models()]  # fmt: skip
             async with Orchestrator(settings, max_concurrent=concurrency, default_deadline_s=90) as orch:
+                # 20 s: every model writes every answer on a loaded machine too (the engine's default budget, 8 s,
+                # skips a model whose card's decode rate cannot write 64 tokens in time)
+                orch.engine.writer_budget_s = WRITER_BUDGET_S
                 sem = asyncio.Semaphore(concurrency)
 
                 async def one(t: Any) -> tuple[Any, dict[str, Any]]:
