@@ -9,6 +9,7 @@ import re
 import pytest
 
 from edgecoop.agents import Agent
+from edgecoop.cms.discovery import DiscoveryQuery
 from edgecoop.orchestrator import Orchestrator
 from edgecoop.scenarios.loader import load_scenario
 
@@ -38,6 +39,7 @@ async def test_edge_answers_are_written_from_the_facts_and_gated(settings, topic
             check = await orch.submit("Is NO2 at Harbour Gate above the WHO limit?")
             doc = await orch.submit("According to the city procedure, when should buses be rerouted?")
             vitals = await orch.submit("How is my heart rate?")
+            cards = {m.agent_id: m.card.get("models") for m in await orch.mirror.discover(DiscoveryQuery(kind="slm"))}
             writer = orch.engine.writer
             assert writer is not None
             counters = writer.counters.to_dict()
@@ -47,6 +49,7 @@ async def test_edge_answers_are_written_from_the_facts_and_gated(settings, topic
 
     # a check: the SLM wrote a text; whatever it was, what is sent states the measured value and the decision
     assert check["state"] == "done" and check["tier"] == "edge", check["reason"]
+    assert "writer" in check, (cards, check["trace"])
     assert check["writer"]["model"] == "smollm2-135m" and check["writer"]["ms"] > 0
     steps = [t for t in check["trace"] if t["step"] == "writer"]
     assert [t["agent"] for t in steps] == ["slm-edge"]

@@ -109,7 +109,9 @@ async def run(*, write: bool = True) -> dict[str, Any]:
         finally:
             for a in agents:
                 await a.__aexit__(None, None, None)
-    pairs = [(float(r.get("confidence", 0.0)), score(t, r)) for t, r in results if r.get("tier") == "edge"]
+    # an edge step that failed (a deadline on a loaded machine) says nothing about the model's confidence
+    pairs = [(float(r.get("confidence", 0.0)), score(t, r)) for t, r in results
+             if r.get("tier") == "edge" and r.get("state") == "done"]  # fmt: skip
     cal = fit(pairs)
     if write:
         CALIBRATION_FILE.write_text(json.dumps(cal.to_dict() | {"fitted_on": f"{len(pairs)} dev-split open "

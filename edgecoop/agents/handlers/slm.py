@@ -48,6 +48,7 @@ MAX_SCHEMA_DEPTH = 32
 MAX_SCHEMA_REPEAT = 1000  # minItems/maxLength & co. expand into grammar text of that size
 MAX_SAMPLES = 4
 SAMPLE_TEMPERATURE = 0.8
+SAMPLE_MAX_TOKENS = 24  # the samples' opening is enough to see whether they say the same thing
 _REPEAT_KEYS = frozenset({"minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties",
                           "minContains", "maxContains"})  # fmt: skip
 _WARMUP_PROMPT = "The weather station on the hill reported that"
@@ -139,7 +140,8 @@ _WORDS = re.compile(r"[a-z0-9]+")
 
 
 def agreement(answer: str, samples: list[str]) -> float:
-    """Mean Jaccard overlap of each sample's words with the answer's: a model that says the same thing whatever
+    """Mean overlap of each sample's words with the answer's (the share of the sample's words the answer holds,
+    since samples are cut shorter than the answer): a model that says the same thing whatever
     the sampling is surer of it than one whose samples scatter (self-consistency)."""
     a = set(_WORDS.findall(answer.lower()))
     if not samples:
@@ -147,7 +149,7 @@ def agreement(answer: str, samples: list[str]) -> float:
     scores = []
     for s in samples:
         b = set(_WORDS.findall(s.lower()))
-        scores.append(len(a & b) / len(a | b) if a | b else 1.0)
+        scores.append(len(a & b) / len(b) if b else float(not a))
     return sum(scores) / len(scores)
 
 
@@ -471,9 +473,10 @@ class SlmHandler(Handler):
         if self.chat:
             messages = [{"role": "system", "content": job.system}] if job.system else []
             messages.append({"role": "user", "content": job.prompt})
-            out = self._llm.create_chat_completion(messages=messages, max_tokens=job.max_tokens,
+            out = self._llm.create_chat_completion(messages=messages, max_tokens=min(job.max_tokens, SAMPLE_MAX_TOKENS),
                                                    temperature=SAMPLE_TEMPERATURE, seed=seed)  # fmt: skip
             return str(out["choices"][0]["message"]["content"] or "")
         prompt = f"{job.system}\n\n{job.prompt}" if job.system else job.prompt
-        out = self._llm.create_completion(prompt, max_tokens=job.max_tokens, temperature=SAMPLE_TEMPERATURE, seed=seed)
+        out = self._llm.create_completion(prompt, max_tokens=min(job.max_tokens, SAMPLE_MAX_TOKENS),
+                                          temperature=SAMPLE_TEMPERATURE, seed=seed)  # fmt: skip
         return str(out["choices"][0]["text"])
