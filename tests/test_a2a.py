@@ -187,7 +187,7 @@ def test_our_binding_name_is_the_sdks():
 async def test_every_scenario_agent_is_discovered_with_a_valid_a2a_card(settings, topics, discovery, monkeypatch):
     monkeypatch.setenv("EDGECOOP_CLOUD_URL", "http://127.0.0.1:9/v1")  # never called: only its card is needed
     # every agent of both scenarios but the two SLM ones (a GGUF model each: the llm-marked tests cover them)
-    configs = load_scenario("urban", settings, prefix=topics.prefix, exclude={"slm-edge"})
+    configs = load_scenario("urban", settings, prefix=topics.prefix, exclude={"slm-edge", "slm-gateway"})
     configs += load_scenario("health", settings, prefix=topics.prefix, with_cloud=False, exclude={"phone-slm"})
     agents = [Agent(c) for c in configs]
     units = sorted({c.site for c in configs} | {"district-1"})

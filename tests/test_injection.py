@@ -75,7 +75,7 @@ def _refcloud(settings: BrokerSettings, topics: Topics, description: str = "Clou
 
 
 def clean_configs(settings: BrokerSettings, topics: Topics) -> list[AgentConfig]:
-    urban = load_scenario("urban", settings, prefix=topics.prefix, exclude={"cloud-llm", "slm-edge"})
+    urban = load_scenario("urban", settings, prefix=topics.prefix, exclude={"cloud-llm", "slm-edge", "slm-gateway"})
     health = load_scenario("health", settings, prefix=topics.prefix, with_cloud=False, exclude={"phone-slm"})
     return [*urban, *health, _refcloud(settings, topics)]
 

@@ -42,7 +42,7 @@ async def health(settings, topics):
 
 @pytest.fixture
 async def urban(settings, topics):
-    configs = load_scenario("urban", settings, prefix=topics.prefix, exclude={"cloud-llm", "slm-edge"})
+    configs = load_scenario("urban", settings, prefix=topics.prefix, exclude={"cloud-llm", "slm-edge", "slm-gateway"})
     agents = await _running([Agent(c) for c in configs] + [_refcloud(settings, topics)])
     yield {a.agent_id: a for a in agents}
     await _stop(agents)

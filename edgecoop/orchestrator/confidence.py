@@ -19,11 +19,13 @@ from typing import Any
 
 from edgecoop.orchestrator.plans import Plan, Step
 
-__all__ = ["SAMPLES", "THRESHOLD", "Calibration", "fit", "load_calibration", "open_plan"]
+__all__ = ["OPEN_TOKENS", "SAMPLES", "THRESHOLD", "Calibration", "fit", "load_calibration", "open_plan"]
 
 SAMPLES = 2
 THRESHOLD = 0.5
 OPEN_MAX_TOKENS = 64
+#: what an open answer costs the model: the answer and the samples (24 tokens each, slm.py)
+OPEN_TOKENS = OPEN_MAX_TOKENS + SAMPLES * 24
 _FILE = Path(__file__).with_name("calibration.json")
 
 
@@ -72,8 +74,9 @@ def load_calibration(path: Path = _FILE) -> Calibration:
         return Calibration()
 
 
-def open_plan(question: str) -> Plan:
-    """The edge model's answer to an open question, with the samples its confidence is measured from."""
+def open_plan(question: str, agent: str | None = None) -> Plan:
+    """The edge model's answer to an open question, with the samples its confidence is measured from; ``agent``:
+    the SLM agent the planner chose by measured quality and speed (modelchoice.py)."""
     step = Step("slm", "slm", {"prompt": question, "max_tokens": OPEN_MAX_TOKENS, "samples": SAMPLES}, need=question,
-                timeout_s=60)  # fmt: skip
+                timeout_s=60, agent=agent)  # fmt: skip
     return Plan(((step,),), "single", "edge")

@@ -21,8 +21,8 @@ from edgecoop.cms.discovery import DiscoveryQuery, Match
 from edgecoop.cms.sites import SiteCosts
 from edgecoop.errors import AgentWentOffline, BrokerError, CloudBudgetExceeded, RequestError, StepFailed, TopicError
 from edgecoop.orchestrator.compose import Answer
+from edgecoop.orchestrator.confidence import OPEN_TOKENS, load_calibration, open_plan
 from edgecoop.orchestrator.confidence import THRESHOLD as CASCADE_THRESHOLD
-from edgecoop.orchestrator.confidence import load_calibration, open_plan
 from edgecoop.orchestrator.modelchoice import pick_model
 from edgecoop.orchestrator.operations import (
     MIN_SUPPORT_OPEN,
@@ -292,7 +292,10 @@ class Engine:
 
     async def _edge_open(self, run: _Run) -> tuple[Answer, Plan]:
         """The edge model's answer to an open question, its confidence measured from the model (confidence.py)."""
-        plan = open_plan(run.sub.question)
+        found = await self.mirror.discover(DiscoveryQuery(kind="slm", limit=50))
+        public = [m for m in found if m.card.get("privacy", "public") == "public"]  # open questions are public
+        chosen = pick_model(public, max_tokens=OPEN_TOKENS, budget_s=max(1.0, run.remaining() - 1.0))
+        plan = open_plan(run.sub.question, agent=chosen.agent_id if chosen else None)
         await run.emit("planned", {"plan": self._describe(plan)})
         results = await self._execute(run, plan)
         answer = OPERATIONS[Operation.OPEN].answer(run.spec, results, self.vocab)
