@@ -74,7 +74,11 @@ def draw(path: Path, points: Sequence[Mapping[str, Any]], marks: Mapping[str, tu
                  cv2.LINE_AA)  # fmt: skip
     for p in pts:
         cv2.circle(img, at(p["cloud_calls"], p["correct_fraction"]), 3, blue, -1, cv2.LINE_AA)
-    for i, (name, (calls, frac)) in enumerate(sorted(marks.items())):
+    grouped: dict[tuple[float, float], list[str]] = {}
+    for name, pos in marks.items():  # strategies at the same point share one label
+        grouped.setdefault(pos, []).append(name)
+    for i, ((calls, frac), names) in enumerate(sorted(grouped.items())):
+        name = " = ".join(sorted(names))
         x, y = at(calls, frac)
         cv2.drawMarker(img, (x, y), red, cv2.MARKER_TILTED_CROSS, 12, 2)
         cv2.putText(img, name, (x + 8, y - 6 - 12 * (i % 3)), cv2.FONT_HERSHEY_SIMPLEX, 0.42, red, 1, cv2.LINE_AA)

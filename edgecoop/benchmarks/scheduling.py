@@ -194,8 +194,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         png = Path(__file__).resolve().parents[2] / "docs" / "cascade-curve.png"
         marks = {n: (float(s["cloud_calls"]), float(s["correct_fraction"])) for n, s in result["strategies"].items()}
         marks["oracle"] = (float(result["oracle_cloud_calls"]), float(result["oracle_correct_fraction"]))
-        draw(png, result["cascade_curve"]["points"], marks, f"cascade: correct vs cloud calls over its confidence "
-             f"threshold ({result['tasks']} templated tasks; bench scheduling)")  # fmt: skip
+        draw(
+            png,
+            result["cascade_curve"]["points"],
+            marks,
+            f"cascade over its threshold vs strategies, {result['tasks']} tasks",
+        )
         print(f"wrote {png}")
     m = result["machine"]
     print(f"scheduling benchmark: {result['tasks']} labelled tasks per strategy; cloud tier: {result['cloud_tier']}; "
