@@ -295,7 +295,7 @@ def cmd_a2a_gateway(args: argparse.Namespace) -> int:
 
 
 BENCHMARKS = ["rpc", "cms", "scheduling", "slm", "understanding", "scale", "a2a", "overload", "tasks", "writer",
-              "cascade"]  # fmt: skip
+              "cascade", "openworld"]  # fmt: skip
 
 
 def _models_eval(args: argparse.Namespace) -> int:
