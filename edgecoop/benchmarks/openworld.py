@@ -107,7 +107,9 @@ async def run(*, concurrency: int = 4, strategies: list[str] | None = None) -> d
     out["oracle_correct_fraction"] = round(len(edge_ok | cloud_ok) / len(items), 4) if items else 0.0
     best = max((s["correct_fraction"] for s in out["strategies"].values()), default=0.0)
     for s in out["strategies"].values():
-        s["cloud_calls_vs_oracle"] = round(s["cloud_calls"] / out["oracle_cloud_calls"], 3) if out["oracle_cloud_calls"] else None
+        s["cloud_calls_vs_oracle"] = (
+            round(s["cloud_calls"] / out["oracle_cloud_calls"], 3) if out["oracle_cloud_calls"] else None
+        )
         s["correct_below_best_points"] = round(100 * (best - s["correct_fraction"]), 2)
     out["machine"] = machine_info()
     return out
