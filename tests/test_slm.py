@@ -256,3 +256,18 @@ def test_embedding_ranker_prefers_the_vehicle_counter_for_count_cars(smollm2):
         ranker.close()
     assert [agent for agent, _ in ranked] == ["cam-1", "air-1"]
     assert ranked[0][1] > ranked[1][1]
+
+
+@pytest.mark.llm
+async def test_samples_give_the_agreement_the_cascade_confidence_is_measured_from(smollm2, make_agent, client):
+    async with make_agent("slm-s", capabilities=slm_caps(smollm2)):
+        r = (await client.req.request("slm-s", "slm", {"prompt": "What is the capital of France?", "max_tokens": 16,
+                                                        "samples": 2}, timeout=120)).result  # fmt: skip
+        plain = (await client.req.request("slm-s", "slm", {"prompt": "Say hi", "max_tokens": 4}, timeout=60)).result
+        for bad in (5, -1, True, "2"):
+            with pytest.raises(RemoteError, match="samples"):
+                await client.req.request("slm-s", "slm", {"prompt": "x", "samples": bad}, timeout=10)
+        with pytest.raises(RemoteError, match="samples"):
+            await client.req.request("slm-s", "slm", {"prompt": "x", "samples": 1, "choices": ["a", "b"]}, timeout=10)
+    assert r["text"] and 0.0 <= r["agreement"] <= 1.0
+    assert "agreement" not in plain
