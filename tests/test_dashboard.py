@@ -208,6 +208,19 @@ def test_failed_tasks_count_as_failed_and_baseline_runs_are_kept_apart():
     assert state.tasks["baseline-1"]["strategy"] == "cloud-only"
 
 
+def test_a_degraded_answer_keeps_its_state_and_confidence():
+    """The cloud was unreachable: the task's history shows "degraded" and its confidence is kept for the badge."""
+    state = DashboardState()
+    ev = {"type": "task_event", "task_id": "t-d"}
+    state.apply_task_event(parse_task_event({**ev, "state": "received", "ts": 1}, "t-d"))
+    state.apply_task_event(parse_task_event({**ev, "state": "degraded", "ts": 2, "confidence": 0.25,
+                                             "reason": "cloud failed"}, "t-d"))  # fmt: skip
+    state.apply_task_event(parse_task_event({**ev, "state": "done", "ts": 3, "tier": "edge", "answer": "x"}, "t-d"))
+    task = state.tasks["t-d"]
+    assert [h["state"] for h in task["history"]] == ["received", "degraded", "done"]
+    assert task["confidence"] == 0.25 and task["tier"] == "edge"
+
+
 def test_orchestrator_status_and_alarm_are_kept():
     state = DashboardState()
     state.apply_orchestrator_status("orch", {"agent_id": "orch", "state": "online", "epoch": 3, "ts": 5.0})
