@@ -154,6 +154,8 @@ def decision(result: Mapping[str, Any]) -> dict[str, Any]:
     c = result.get("classification") or {}
     steps: dict[str, list[tuple[str, str, str]]] = {}
     for t in result["trace"]:
+        if t["step"] == "writer":  # asked or not by the models' measured speed at start (load), never by text;
+            continue  # what it writes is gated against the facts (tests/test_faithful.py)
         steps.setdefault(t["step"], []).append((t["agent"], t["capability"], t["tier"]))
     return {
         "intent": c.get("intent"), "place": c.get("place"), "privacy": c.get("privacy"), "tier": result["tier"],
