@@ -59,10 +59,11 @@ def score(task: LabelledTask, result: Mapping[str, Any]) -> bool:
     if result.get("state") != "done":
         return False
     if result.get("tier") == "cloud":
-        # The cloud tier is the strong model. Offline its stand-in answers from this set's reference answers,
-        # so a cloud answer is correct by construction when it carries the reference (the report says so).
-        text = str(result.get("answer", ""))
-        return bool(e.get("reference")) and e["reference"] in text
+        # An open answer counts when it holds every accepted keyword, whoever wrote it (a real endpoint words it
+        # its own way; the offline stand-in answers open questions with references that hold them). A cloud answer
+        # to a question about the edge's own world is wrong: the cloud has no access to that data.
+        text = str(result.get("answer", "")).lower()
+        return e.get("kind") == "open" and bool(e.get("keywords")) and all(k.lower() in text for k in e["keywords"])
     kind = e["kind"]
     value, decision = result.get("value"), result.get("decision")
     if kind in ("count", "reading", "area"):
