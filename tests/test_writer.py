@@ -53,6 +53,7 @@ async def test_edge_answers_are_written_from_the_facts_and_gated(settings, topic
     assert check["writer"]["model"] == "smollm2-135m" and check["writer"]["ms"] > 0
     steps = [t for t in check["trace"] if t["step"] == "writer"]
     assert [t["agent"] for t in steps] == ["slm-edge"]
+    assert check["plan"]["stages"][-1] == [{"name": "writer", "kind": "slm", "modality": None, "fanout": False}]
     value = check["value"]
     assert any(abs(float(n) - value) < 0.51 for n in re.findall(r"\d+(?:\.\d+)?", check["answer"])), check
     assert check["decision"] in check["answer"] or any(w in check["answer"] for w in ("above", "below", "within"))
