@@ -62,6 +62,7 @@ async def test_cloud_stopped_mid_run_gives_degraded_edge_answers(settings, topic
             assert after["degraded"] is True and "cloud failed" in after["reason"]
             assert 0.0 <= after["confidence"] <= 1.0 and after["answer"]
             assert [t["step"] for t in after["trace"] if t["ok"]] == ["slm"]  # the cloud step failed, then the edge
+            assert [st[0]["kind"] for st in after["plan"]["stages"]] == ["cloud", "slm"]  # both, in the order they ran
 
             # the cascade: an edge answer whose measured confidence is below the threshold escalates; with the
             # cloud gone it is sent as it is, marked degraded, with the confidence the model gave it
@@ -70,6 +71,7 @@ async def test_cloud_stopped_mid_run_gives_degraded_edge_answers(settings, topic
             assert cascade["state"] == "done" and cascade["degraded"] is True, cascade["reason"]
             assert "low edge confidence" in cascade["reason"]
             assert sum(t["step"] == "slm" for t in cascade["trace"]) == 1  # its own answer, not asked twice
+            assert [st[0]["kind"] for st in cascade["plan"]["stages"]] == ["slm", "cloud"]
     finally:
         for a in agents:
             await a.__aexit__(None, None, None)

@@ -319,24 +319,29 @@ class Engine:
         except StepFailed as exc:
             why = f"{reason}; cloud failed: {exc}" if reason != "strategy" else f"cloud failed: {exc}"
             if not run.strategy.cloud_everything and run.spec.operation is Operation.OPEN:
-                return await self._degraded(run, why, fallback)
+                return await self._degraded(run, why, fallback, self._describe(plan))
             return TaskOutcome("failed", None, "cloud", run.spec, self._describe(plan), reason=why)
         answer = OPERATIONS[Operation.OPEN].answer(run.spec, results, self.vocab)
         return TaskOutcome("done", answer, "cloud", run.spec, self._describe(plan), reason=reason)
 
-    async def _degraded(self, run: _Run, why: str, answer: Answer | None) -> TaskOutcome:
+    async def _degraded(self, run: _Run, why: str, answer: Answer | None, cloud: dict[str, Any]) -> TaskOutcome:
         """The cloud is unreachable: a public open question gets the edge model's best answer, marked degraded
-        with its confidence, instead of failing."""
+        with its confidence, instead of failing. The plan shows both stages, in the order they ran."""
+        edge_first = answer is not None  # the cascade's own answer, written before it escalated
         plan = open_plan(run.sub.question)
         if answer is None:
             try:
                 answer, plan = await self._edge_open(run)
             except StepFailed as exc:
-                return TaskOutcome("failed", None, "edge", run.spec, self._describe(plan), reason=f"{why}; edge: {exc}")
+                stages = cloud["stages"] + self._describe(plan)["stages"]
+                return TaskOutcome("failed", None, "edge", run.spec, {**cloud, "stages": stages},
+                                   reason=f"{why}; edge: {exc}")  # fmt: skip
+        edge = self._describe(plan)["stages"]
+        described = {**self._describe(plan), "stages": edge + cloud["stages"] if edge_first else cloud["stages"] + edge}
         answer = dataclasses.replace(answer, degraded=True)
         await run.emit("degraded", {"reason": why, "confidence": round(answer.confidence, 3)})
         reason = f"{why}; the edge model's best answer (degraded, confidence {answer.confidence:.2f})"
-        return TaskOutcome("done", answer, "edge", run.spec, self._describe(plan), reason=reason)
+        return TaskOutcome("done", answer, "edge", run.spec, described, reason=reason)
 
     async def _written(self, run: _Run, answer: Answer, results: Mapping[str, Any]) -> Answer:
         """The answer an SLM agent wrote from the facts when the gate passes it (writer.py), else ``answer``."""
