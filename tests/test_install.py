@@ -351,7 +351,7 @@ def test_install_creates_everything_the_units_read(scratch):
     assert (units / "mosquitto.service.d" / "edgecoop.conf").is_file()
     creds = scratch.path("/etc/edgecoop/credentials")
     assert sorted(p.name for p in creds.iterdir()) == sorted(
-        f"{u}.env" for u in ["orchestrator", "cms", "dashboard", "operator", "homeassistant", AGENT]
+        f"{u}.env" for u in ["orchestrator", "cms", "dashboard", "operator", "homeassistant", "a2a-gateway", AGENT]
     )
     for env_file in creds.iterdir():
         assert env_file.stat().st_mode & 0o777 == 0o640
