@@ -6,7 +6,9 @@ Options (``[capabilities.options]``): ``model`` (known name such as ``smollm2-13
 
 Input: ``prompt`` (str), optional ``system`` (str), ``max_tokens`` (int), ``choices`` (list of str: the answer is
 constrained by a GBNF grammar to exactly one of them) or ``json_schema`` (object: the answer is constrained to
-JSON matching it). Streaming requests get ``{"token": ...}`` partials.
+JSON matching it) or ``samples`` (int, 0..4: that many short answers drawn at temperature 0.8 after the answer;
+``agreement`` in the result is the share of their words the answer holds, the model's own confidence). Streaming
+requests get ``{"token": ...}`` partials.
 
 The model lives on one dedicated worker thread (:class:`~edgecoop.worker.Worker`): llama.cpp never runs on the
 event loop, and tokens reach the loop through ``call_soon_threadsafe``. A generation stops at the request's
