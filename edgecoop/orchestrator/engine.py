@@ -243,7 +243,7 @@ class Engine:
             reason = f"the edge could not serve the task: {exc}"
             return TaskOutcome("failed", None, "edge", spec, self._describe(plan), reason=reason)
         answer = await self._written(run, answer, results)
-        return TaskOutcome("done", answer, "edge", spec, _with_writer(self._describe(plan), answer))
+        return TaskOutcome("done", answer, "edge", spec, _with_writer(self._describe(plan), run))
 
     async def _open(self, run: _Run) -> TaskOutcome:
         spec = run.spec
@@ -261,7 +261,7 @@ class Engine:
             if best_passages(results, run.sub.question, min_support=MIN_SUPPORT_OPEN) is not None:
                 answer = OPERATIONS[Operation.LOOKUP].answer(spec, results, self.vocab)
                 answer = await self._written(run, answer, results)
-                return TaskOutcome("done", answer, "edge", spec, _with_writer(self._describe(tried), answer))
+                return TaskOutcome("done", answer, "edge", spec, _with_writer(self._describe(tried), run))
         outcome = await self._open_beyond_documents(run)
         if tried is not None:  # the plan shows every stage the task ran, the document look-up included
             outcome.plan = {**outcome.plan, "stages": self._describe(tried)["stages"] + outcome.plan.get("stages", [])}
@@ -579,9 +579,10 @@ class Engine:
         return await _unless_offline(request, watch, f"a member of pool {pool} went offline during the request")
 
 
-def _with_writer(plan: dict[str, Any], answer: Answer) -> dict[str, Any]:
-    """The plan with the writer's stage when an SLM agent was asked to write the answer (every stage it ran)."""
-    if not answer.writer:
+def _with_writer(plan: dict[str, Any], run: _Run) -> dict[str, Any]:
+    """The plan with the writer's stage when an SLM agent was asked to write the answer, whether or not the gate
+    then passed its text (the plan names every stage the trace holds)."""
+    if not any(t.get("step") == "writer" for t in run.trace):
         return plan
     writer = {"name": "writer", "kind": "slm", "modality": None, "fanout": False}
     return {**plan, "stages": [*plan.get("stages", []), [writer]]}
