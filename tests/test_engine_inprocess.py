@@ -228,3 +228,22 @@ async def test_a_passage_about_something_else_is_not_an_answer(world):
         "capability-aware"), emit)).to_dict("t2")  # fmt: skip
     assert out["answer"] is None or "nail varnish" not in str(out["answer"]), out
     assert out["tier"] != "cloud"
+
+
+async def test_a_reading_only_the_askers_own_device_takes_is_private_even_without_my(world):
+    """ "Current temperature?" with the health scenario's wearable the only thermometer: its data is private, so not
+    even the cloud-only baseline may send the task out; with the kitchen's public thermometer too, it is asked back."""
+    cards, configs = world
+    no_kitchen = [c for c in cards if c.agent_id != "kitchen-temp"]
+    dispatcher = AnswerDispatcher(configs)
+    engine = Engine(StoreDirectory(no_kitchen), dispatcher)
+
+    async def emit(_state: str, _extra: Mapping[str, Any]) -> None:
+        return None
+
+    for strategy in ("cloud-only", "capability-aware"):
+        out = (await engine.run(Submission("t3", "Current temperature?", deadline_s=5), get_strategy(strategy),
+                                emit)).to_dict("t3")  # fmt: skip
+        assert out["privacy"] == "private" and out["tier"] != "cloud" and out["cloud_calls"] == 0, (strategy, out)
+    r, d = await _ask(world, "Current temperature?", "cloud-only")
+    assert r["decision"] == "clarify" and "Home Kitchen" in r["answer"] and not d.calls, r

@@ -593,8 +593,10 @@ def privacy_of(spec: TaskSpec, vocab: Vocabulary, *, policy: str | None = None) 
         provs = vocab.providers(t.modality)
         if t.place is not None:
             classes.append(provs.get(t.place, "public"))
-        else:
+        elif spec.operation is Operation.AGGREGATE:  # an aggregate over an area reads the public places only
             classes.extend(c for c in provs.values() if c == "public")
+        else:  # no place named: whichever provider the plan reaches, its class counts (fails closed)
+            classes.extend(provs.values())
     if spec.knowledge_agent and spec.knowledge_agent in vocab.knowledge:
         classes.append(vocab.knowledge[spec.knowledge_agent].privacy)
     elif spec.operation is Operation.LOOKUP:  # a fan-out touches every knowledge agent: the strictest counts
