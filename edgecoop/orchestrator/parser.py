@@ -141,6 +141,8 @@ class FastParser:
         base = TaskSpec(Operation.OPEN, personal=personal, confidence=confidence)
         place_names = [p.name for p in sorted(places, key=lambda h: h.start)]
 
+        # words of the question that the edge's documents are about ("fever", "COPD", "diversion")
+        evidence = self._document_evidence(words, spans, vocab)
         unknown = self._unknown_place(question, words, spans, vocab)
         if re.search(r"\b(19|20)\d\d\b", " ".join(words)) and (quantities or objects) and not _has(words, _RULE_WORDS):
             return replace(base, unknown="live sensors cannot answer about another year")
@@ -150,7 +152,7 @@ class FastParser:
         if _acts(words, lex) and (world or personal):
             return replace(base, unknown="the edge answers questions; it does not act (upload, send, share) for you")
         # "how did the WHO change the guideline in 2021": what the documents say about a past time, not a reading
-        about_rules = _has(words, _RULE_WORDS) or self._document_evidence(words, spans, vocab) >= 2
+        about_rules = _has(words, _RULE_WORDS) or evidence >= 2
         if _has(words, lex.past) and (quantities or objects) and not about_rules:
             return replace(base, unknown="live sensors cannot answer about another time than now or a recent window")
 
@@ -165,9 +167,8 @@ class FastParser:
         lookup_cue = _has(words, lex.operations["lookup"])
         live = _has(words, lex.operations["live"])
 
-        # words of the question that the edge's documents are about ("fever", "COPD", "diversion"): with no place,
-        # no asker and no live cue, a question naming a quantity asks what the documents say, not for a reading
-        evidence = self._document_evidence(words, spans, vocab)
+        # with no place, no asker and no live cue, a question holding the documents' words asks what they say, even
+        # when it names a quantity, not for a reading
         # "count the vehicles on the street camera" is for a camera; "how do electric buses charge?" is general
         counting = bool(objects) and not quantities and _has(words, lex.operations["count"])
         enough = evidence >= 2 or (evidence == 1 and not _has(words, lex.general))
@@ -316,7 +317,6 @@ class FastParser:
         lex = lexicon()
         covered = {i for h in spans for i in range(h.start, h.start + h.length)}
         known_words = vocab.place_words
-        knowledge_terms = {t for k in vocab.knowledge.values() for t in k.terms}
         single = {h.start for h in spans if h.length == 1}
         for i, w in enumerate(words):
             if (i in covered and i not in single) or w not in lex.place_heads or i == 0:
@@ -331,7 +331,7 @@ class FastParser:
                 or prev in connectors
             ):
                 continue
-            if any(similar(prev, k) for k in known_words) or prev.isdigit() or prev in knowledge_terms:
+            if any(similar(prev, k) for k in known_words) or prev.isdigit() or prev in vocab.knowledge_words:
                 continue
             return f"{prev} {w}".title()
         # "bus 7" where the cards know "Bus line 42": a numbered place of a known kind that does not exist
@@ -354,7 +354,7 @@ class FastParser:
                 unknown
                 and name[0] not in lex.not_places
                 and not any(n in vocab_q for n in unknown)
-                and not (len(name) == 1 and name[0] in knowledge_terms)  # "in the EU": a word the documents use
+                and not (len(name) == 1 and name[0] in vocab.knowledge_words)  # "in the EU": a word the documents use
             ):
                 return m.group(1)
         return ""

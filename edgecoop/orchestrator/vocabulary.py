@@ -148,6 +148,7 @@ class Vocabulary:
         self.place_words: set[str] = set()
         self.quantity_words: set[str] = set()
         self.unit_words: set[str] = set()
+        self.knowledge_words: set[str] = set()
 
     # -- learning ----------------------------------------------------------------------------------------------
     def update(self, cards: Mapping[str, Mapping[str, Any]]) -> None:
@@ -159,6 +160,7 @@ class Vocabulary:
         self.place_words = {w for p in self.places.values() for ph in p.phrases for w in ph}
         self.quantity_words = {w for q in self.quantities.values() for ph in q.phrases for w in ph}
         self.unit_words = {w for q in self.quantities.values() for w in tokens(q.unit)}
+        self.knowledge_words = {t for k in self.knowledge.values() for t in k.terms}
         # the version moves only when what the parser can match moved (a card's load changes often, its words not)
         fingerprint = hash(repr(self._content()))
         if fingerprint != self._fingerprint:
