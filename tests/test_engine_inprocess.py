@@ -97,12 +97,22 @@ def world() -> Iterator[tuple[list[CapabilityCard], dict[str, Any]]]:
 
 
 async def _ask(
-    world: Any, question: str, strategy: str = "capability-aware", *, policy: str | None = None, **kw: Any
+    world: Any,
+    question: str,
+    strategy: str = "capability-aware",
+    *,
+    policy: str | None = None,
+    without: tuple[str, ...] = (),
+    passages: list[dict[str, Any]] | None = None,
+    **kw: Any,
 ) -> tuple[dict[str, Any], AnswerDispatcher]:
+    """One task through a fresh engine; ``without`` leaves agents out, ``passages`` is what knowledge agents find."""
     cards, configs = world
     dispatcher = AnswerDispatcher(configs)
+    dispatcher.passages = passages or []
     # no SLM here (this dispatcher answers as the data agents would): the written answers are tests/test_writer.py's
-    engine = Engine(StoreDirectory(cards), dispatcher, policy=policy, write_answers=False)
+    engine = Engine(StoreDirectory([c for c in cards if c.agent_id not in without]), dispatcher, policy=policy,
+                    write_answers=False)  # fmt: skip
 
     async def emit(_state: str, _extra: Mapping[str, Any]) -> None:
         return None
@@ -212,20 +222,12 @@ async def test_a_document_question_goes_to_the_agent_whose_declared_topics_hold_
 
 
 async def test_a_passage_about_something_else_is_not_an_answer(world):
-    cards, configs = world
     r, d = await _ask(world, "What does NEWS2 measure?")
     assert [c[0] for c in d.calls] == ["kb-clinic"] and r["state"] == "done"
     # the dispatcher's knowledge agent now finds only an unrelated passage: refused, not answered with it
-    dispatcher = AnswerDispatcher(configs)
-    dispatcher.passages = [{"doc": "oxygen_saturation.md", "title": "Measurement pitfalls",
-                            "text": "Cold fingers and nail varnish cause falsely low readings."}]  # fmt: skip
-    engine = Engine(StoreDirectory(cards), dispatcher)
-
-    async def emit(_state: str, _extra: Mapping[str, Any]) -> None:
-        return None
-
-    out = (await engine.run(Submission("t2", "What does NEWS2 measure?", deadline_s=5), get_strategy(
-        "capability-aware"), emit)).to_dict("t2")  # fmt: skip
+    unrelated = [{"doc": "oxygen_saturation.md", "title": "Measurement pitfalls",
+                  "text": "Cold fingers and nail varnish cause falsely low readings."}]  # fmt: skip
+    out, _ = await _ask(world, "What does NEWS2 measure?", passages=unrelated)
     assert out["answer"] is None or "nail varnish" not in str(out["answer"]), out
     assert out["tier"] != "cloud"
 
@@ -233,17 +235,8 @@ async def test_a_passage_about_something_else_is_not_an_answer(world):
 async def test_a_reading_only_the_askers_own_device_takes_is_private_even_without_my(world):
     """ "Current temperature?" with the health scenario's wearable the only thermometer: its data is private, so not
     even the cloud-only baseline may send the task out; with the kitchen's public thermometer too, it is asked back."""
-    cards, configs = world
-    no_kitchen = [c for c in cards if c.agent_id != "kitchen-temp"]
-    dispatcher = AnswerDispatcher(configs)
-    engine = Engine(StoreDirectory(no_kitchen), dispatcher)
-
-    async def emit(_state: str, _extra: Mapping[str, Any]) -> None:
-        return None
-
     for strategy in ("cloud-only", "capability-aware"):
-        out = (await engine.run(Submission("t3", "Current temperature?", deadline_s=5), get_strategy(strategy),
-                                emit)).to_dict("t3")  # fmt: skip
+        out, _ = await _ask(world, "Current temperature?", strategy, without=("kitchen-temp",))
         assert out["privacy"] == "private" and out["tier"] != "cloud" and out["cloud_calls"] == 0, (strategy, out)
     r, d = await _ask(world, "Current temperature?", "cloud-only")
     assert r["decision"] == "clarify" and "Home Kitchen" in r["answer"] and not d.calls, r
