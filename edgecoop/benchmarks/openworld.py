@@ -20,7 +20,15 @@ import time
 from typing import Any
 
 from edgecoop.benchmarks.rpc import machine_info
-from edgecoop.benchmarks.understanding import EXAMPLES, Truth, grade, load_eval
+from edgecoop.benchmarks.understanding import (
+    EXAMPLES,
+    Truth,
+    camera_options,
+    grade,
+    load_eval,
+    scenario_configs,
+    start_agent,
+)
 
 __all__ = ["main", "run"]
 
@@ -31,12 +39,10 @@ def _pct(values: list[float], p: float) -> float:
 
 
 async def run(*, concurrency: int = 4, strategies: list[str] | None = None) -> dict[str, Any]:
-    from edgecoop.agents import Agent
-    from edgecoop.agents.config import CapabilitySpec, config_from_dict, load_agent_config
+    from edgecoop.agents.config import load_agent_config
     from edgecoop.broker import MosquittoProcess
     from edgecoop.connection import BrokerSettings
     from edgecoop.orchestrator import STRATEGIES, Orchestrator
-    from edgecoop.scenarios.loader import load_scenario
 
     items = [it for it in load_eval() if it["split"] == "test"]
     names = strategies or list(STRATEGIES)
@@ -46,28 +52,15 @@ async def run(*, concurrency: int = 4, strategies: list[str] | None = None) -> d
                            "have no reference answers, so they are graded by route (cloud and done = right)"}  # fmt: skip
     with MosquittoProcess() as broker:
         settings = BrokerSettings(port=broker.port, keepalive=30)
-        configs = load_scenario("urban", settings, exclude={"cloud-llm"})
-        configs += load_scenario("health", settings, with_cloud=False)
-        configs.append(config_from_dict({"agent": {"id": "cloud-llm", "site": "cloud", "description": "Cloud LLM "
-            "stand-in: general knowledge, open questions", "domains": ["general"]}}, broker=settings,
-            capabilities=(CapabilitySpec("cloud", "cloud-reference", max_concurrency=16,
-                          options={"latency_ms": 400, "cost_per_call": 0.002}),)))  # fmt: skip
+        configs = scenario_configs(settings, cloud_latency_ms=400)
         configs += [load_agent_config(f, broker=settings) for f in sorted(EXAMPLES.glob("*.toml"))]
         agents: list[Any] = []
         skipped: list[str] = []
         for cfg in configs:
-            try:
-                a = Agent(cfg)
-                await a.__aenter__()
-                agents.append(a)
-            except Exception as exc:  # an optional extra missing: run without that agent, and say so
-                skipped.append(f"{cfg.agent_id}: {exc}")
+            await start_agent(cfg, agents, skipped)
         out["skipped_agents"] = skipped
         cards = {a.agent_id: a.card().to_dict() for a in agents}
-        for cfg in configs:
-            for cap in cfg.capabilities:
-                if cap.kind == "camera" and cfg.agent_id in cards:
-                    cards[cfg.agent_id]["_options"] = dict(cap.options)
+        camera_options(cards, configs)
         try:
             async with Orchestrator(settings, max_concurrent=concurrency * 2, default_deadline_s=60) as orch:
                 orch.engine.writer = None  # as in bench scheduling: routing is compared, written answers are not

@@ -29,8 +29,8 @@ def _pct(values: list[float], p: float) -> float:
 
 async def run(*, quick: bool = False, strategies: list[str] | None = None, concurrency: int = 4,
               cloud_latency_ms: float = 400.0, cloud_cost: float = 0.002) -> dict[str, Any]:  # fmt: skip
-    from edgecoop.agents import Agent
     from edgecoop.agents.config import CapabilitySpec, config_from_dict
+    from edgecoop.benchmarks.understanding import start_agent
     from edgecoop.broker import MosquittoProcess
     from edgecoop.connection import BrokerSettings
     from edgecoop.orchestrator import STRATEGIES, Orchestrator
@@ -51,15 +51,10 @@ async def run(*, quick: bool = False, strategies: list[str] | None = None, concu
                 "(reference stand-in): general knowledge, open questions", "domains": ["general"]}}, broker=settings,
                 capabilities=(CapabilitySpec("cloud", "cloud-reference", max_concurrency=16,
                               options={"latency_ms": cloud_latency_ms, "cost_per_call": cloud_cost}),)))  # fmt: skip
-        agents = []
-        skipped = []
+        agents: list[Any] = []
+        skipped: list[str] = []
         for cfg in configs:
-            try:
-                a = Agent(cfg)
-                await a.__aenter__()
-                agents.append(a)
-            except Exception as exc:  # an optional extra missing: run without that agent, and say so
-                skipped.append(f"{cfg.agent_id}: {exc}")
+            await start_agent(cfg, agents, skipped)
         cloud_handler = next((h for a in agents for h in a.handlers.values() if h.kind == "cloud"), None)
         per_task: dict[str, dict[str, tuple[bool, int, dict[str, Any]]]] = {}
         out: dict[str, Any] = {

@@ -226,15 +226,49 @@ def _pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))] if s else 0.0
 
 
+def scenario_configs(settings: Any, *, cloud_latency_ms: float) -> list[Any]:
+    """Both scenarios' agents and the offline cloud stand-in (general knowledge only, no access to the edge's data)."""
+    from edgecoop.agents.config import CapabilitySpec, config_from_dict
+    from edgecoop.scenarios.loader import load_scenario
+
+    configs = load_scenario("urban", settings, exclude={"cloud-llm"})
+    configs += load_scenario("health", settings, with_cloud=False)
+    configs.append(config_from_dict({"agent": {"id": "cloud-llm", "site": "cloud", "description": "Cloud LLM "
+        "stand-in: general knowledge, open questions", "domains": ["general"]}}, broker=settings,
+        capabilities=(CapabilitySpec("cloud", "cloud-reference", max_concurrency=16,
+                      options={"latency_ms": cloud_latency_ms, "cost_per_call": 0.002}),)))  # fmt: skip
+    return configs
+
+
+async def start_agent(cfg: Any, agents: list[Any], skipped: list[str]) -> Any | None:
+    """Start one agent into ``agents``; one an optional extra is missing for is left out and named in ``skipped``."""
+    from edgecoop.agents import Agent
+
+    try:
+        a = Agent(cfg)
+        await a.__aenter__()
+    except Exception as exc:  # an optional extra missing: run without that agent, and say so
+        skipped.append(f"{cfg.agent_id}: {exc}")
+        return None
+    agents.append(a)
+    return a
+
+
+def camera_options(cards: dict[str, dict[str, Any]], configs: list[Any]) -> None:
+    """Give each camera's card its scene options: the ground truth of its counts (read by Truth, never the system)."""
+    for cfg in configs:
+        for cap in cfg.capabilities:
+            if cap.kind == "camera" and cfg.agent_id in cards:
+                cards[cfg.agent_id]["_options"] = dict(cap.options)
+
+
 async def run(*, splits: tuple[str, ...] = ("dev", "test"), concurrency: int = 4, model: bool = False,
               limit: int | None = None, compare: bool = False,
               items: list[dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
-    from edgecoop.agents import Agent
-    from edgecoop.agents.config import CapabilitySpec, config_from_dict, load_agent_config
+    from edgecoop.agents.config import load_agent_config
     from edgecoop.broker import MosquittoProcess
     from edgecoop.connection import BrokerSettings
     from edgecoop.orchestrator import Orchestrator
-    from edgecoop.scenarios.loader import load_scenario
 
     items = [it for it in (load_eval() if items is None else items) if it["split"] in splits][:limit]
     model_parser = None
@@ -245,39 +279,22 @@ async def run(*, splits: tuple[str, ...] = ("dev", "test"), concurrency: int = 4
         model_parser = ModelParser(str(resolve_model("smollm2-135m")))
     with MosquittoProcess() as broker:
         settings = BrokerSettings(port=broker.port, keepalive=10)
-        configs = load_scenario("urban", settings, exclude={"cloud-llm"})
-        configs += load_scenario("health", settings, with_cloud=False)
-        configs.append(config_from_dict({"agent": {"id": "cloud-llm", "site": "cloud", "description": "Cloud LLM "
-            "stand-in: general knowledge, open questions", "domains": ["general"]}}, broker=settings,
-            capabilities=(CapabilitySpec("cloud", "cloud-reference", max_concurrency=16,
-                          options={"latency_ms": 50, "cost_per_call": 0.002}),)))  # fmt: skip
+        configs = scenario_configs(settings, cloud_latency_ms=50)
         runtime = [load_agent_config(f, broker=settings) for f in sorted(EXAMPLES.glob("*.toml"))]
         agents: list[Any] = []
         skipped: list[str] = []
-
-        async def start(cfg: Any) -> None:
-            try:
-                a = Agent(cfg)
-                await a.__aenter__()
-                agents.append(a)
-            except Exception as exc:  # an optional extra missing: run without that agent, and say so
-                skipped.append(f"{cfg.agent_id}: {exc}")
-
         for cfg in configs:
-            await start(cfg)
+            await start_agent(cfg, agents, skipped)
         cards = {a.agent_id: a.card().to_dict() for a in agents}
-        for cfg in configs + runtime:
-            for cap in cfg.capabilities:
-                if cap.kind == "camera" and cfg.agent_id in cards:
-                    cards[cfg.agent_id]["_options"] = dict(cap.options)
+        camera_options(cards, configs + runtime)
         out: dict[str, Any] = {"n_items": len(items), "skipped_agents": skipped, "parser": "fast+model" if model
                                else "fast", "cloud_tier": "cloud-reference stand-in; it knows none of this set's labels, so cloud answers are graded by route only"}  # fmt: skip
         try:
             async with Orchestrator(settings, max_concurrent=concurrency * 2, default_deadline_s=30,
                                     model_parser=model_parser) as orch:  # fmt: skip
                 for cfg in runtime:  # agents nobody's code knows, added while the orchestrator runs
-                    await start(cfg)
-                    cards[cfg.agent_id] = agents[-1].card().to_dict()
+                    if (a := await start_agent(cfg, agents, skipped)) is not None:
+                        cards[cfg.agent_id] = a.card().to_dict()
                 ids = [a.agent_id for a in agents]
                 await orch.mirror.wait_for(
                     lambda s: all(s.card(i) is not None and (s.status(i) or (False, 0))[0] for i in ids), timeout=20
